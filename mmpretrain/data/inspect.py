@@ -1,0 +1,374 @@
+"""`mmpretrain inspect`: read WebDataset shards once, validate every sample, summarise them.
+
+Accepts a `prepare` output directory (train/ val/ + sizes.json, stats.json, failures.jsonl), a flat
+directory of tars (img2dataset output), a single tar, or a brace/glob pattern. Tars are read in
+streaming mode so a huge shard never sits in memory; only one sample's members are held at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import re
+import statistics
+import tarfile
+import textwrap
+import zlib
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from braceexpand import braceexpand
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from mmpretrain.errors import UserError
+
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
+MAX_PROBLEMS = 50
+# Contact sheet geometry, in pixels; tests compute the expected size from these.
+THUMB, PAD, COLUMNS, CAPTION_LINES, LINE_HEIGHT = 160, 8, 8, 3, 14
+CELL_W, CELL_H = THUMB + PAD, THUMB + CAPTION_LINES * LINE_HEIGHT + 2 * PAD
+# webdataset's base_plus_ext: the key is the path up to the first dot of the basename.
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+@dataclass
+class SplitReport:
+    shards: int = 0
+    samples: int = 0
+    per_shard: dict | None = None  # {"min", "mean", "max"} samples per shard
+
+
+@dataclass
+class InspectReport:
+    target: str
+    text_only: bool = False
+    splits: dict[str, SplitReport] = field(default_factory=dict)
+    image_width: dict | None = None  # {"min", "median", "max"}
+    image_height: dict | None = None
+    caption_chars: dict | None = None
+    caption_words: dict | None = None
+    labels: dict | None = None  # {"samples": with a .cls, "distinct": label values}
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    sizes_agree: bool | None = None  # None when no sizes.json was found
+    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS
+    problem_count: int = 0
+    grid: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        kind = "text-only" if self.text_only else "image-text"
+        kind = kind if any(s.samples for s in self.splits.values()) else "no samples"
+        lines = [f"{self.target} ({kind})", f"{'split':<8}{'shards':>8}{'samples':>10}  per shard min/mean/max"]
+        for name, s in self.splits.items():
+            p = s.per_shard or {"min": 0, "mean": 0, "max": 0}
+            lines.append(f"{name:<8}{s.shards:>8}{s.samples:>10}  {p['min']}/{p['mean']:.1f}/{p['max']}")
+        for label, summ in [("image width", self.image_width), ("image height", self.image_height),
+                            ("caption chars", self.caption_chars), ("caption words", self.caption_words)]:
+            if summ:
+                lines.append(f"{label:<14} min {summ['min']}  median {summ['median']}  max {summ['max']}")
+        if self.labels:
+            lines.append(f"labels: {self.labels['samples']} samples, {self.labels['distinct']} distinct")
+        total = sum(self.failure_reasons.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1]))
+        lines.append(f"failures: {total}" + (f" ({reasons})" if reasons else ""))
+        agree = {None: "absent", True: "agrees with the shards", False: "DISAGREES with the shards"}
+        lines += [f"sizes.json: {agree[self.sizes_agree]}", f"problems: {self.problem_count}"]
+        lines += [f"  {p}" for p in self.problems]
+        if self.problem_count > len(self.problems):
+            lines.append(f"  ... and {self.problem_count - len(self.problems)} more")
+        return "\n".join(lines + ([f"grid: {self.grid}"] if self.grid else []))
+
+
+def _summary(values) -> dict | None:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+
+
+def _resolve(target: str) -> tuple[dict[str, list[Path]], Path | None, bool, list[Path]]:
+    """Return ({split: shard paths}, dataset root or None, whether whole directories were listed,
+    paths a brace pattern named that do not exist)."""
+    path = Path(target)
+    if path.is_dir():
+        splits = {d.name: sorted(d.glob("*.tar")) for d in sorted(path.iterdir()) if d.is_dir()}
+        splits = {k: v for k, v in splits.items() if v}
+        for p in sorted(path.glob("*.tar")):  # a split folder itself, or a flat img2dataset folder
+            splits.setdefault(_split_name(p), []).append(p)
+        if not splits:
+            raise UserError(f"no .tar shards in {target} or its split folders; point inspect at the output "
+                            "of `mmpretrain prepare` or a pattern like DIR/*.tar")
+        return splits, _find_root(path), True, []
+    if path.is_file():
+        return {_split_name(path): [path]}, _find_root(path.parent), False, []
+    found: list[Path] = []
+    for pattern in braceexpand(target):
+        found += [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+    existing = list(dict.fromkeys(p for p in found if p.is_file()))
+    if not existing:
+        raise UserError(f"no shards found at {target}; give a directory, a .tar file or a pattern "
+                        "like shards/NAME/train/NAME-{000000..000009}.tar")
+    splits: dict[str, list[Path]] = {}
+    for p in existing:
+        splits.setdefault(_split_name(p), []).append(p)
+    missing = [p for p in dict.fromkeys(found) if not p.is_file()]
+    return splits, _find_root(existing[0].parent), False, missing
+
+
+def _split_name(shard: Path) -> str:
+    # A prepare split folder carries sizes.json; anything else is one anonymous split.
+    return shard.parent.name if (shard.parent / "sizes.json").is_file() else "all"
+
+
+def _find_root(folder: Path) -> Path | None:
+    """The dataset folder holding stats.json / failures.jsonl / dataset.json: this one or its parent."""
+    for d in (folder, folder.parent):
+        if any((d / n).is_file() for n in ("stats.json", "failures.jsonl", "dataset.json")):
+            return d
+    return None
+
+
+def _iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample, grouping consecutive members as webdataset does."""
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tf:
+        for info in tf:
+            m = _MEMBER.match(info.name)
+            if not info.isfile() or not m:
+                continue
+            data = tf.extractfile(info).read()
+            if m.group(1) != key:
+                if key is not None:
+                    yield key, members
+                key, members = m.group(1), {}
+            members[m.group(2).lower()] = data
+        plain = getattr(tf.fileobj, "comptype", "") == "tar"  # offsets only match the file when uncompressed
+        if plain and path.stat().st_size < tf.offset + 2 * tarfile.BLOCKSIZE:
+            # A tar cut at a member boundary reads as a clean end; only the end marker is missing.
+            raise tarfile.ReadError("end-of-archive marker missing (truncated)")
+    if key is not None:
+        yield key, members
+
+
+class _Scan:
+    """Accumulates statistics and problems over all samples of all shards."""
+
+    def __init__(self):
+        self.widths, self.heights, self.chars, self.words = (array("l") for _ in range(4))
+        self.labels: Counter = Counter()
+        self.seen: dict[str, Path] = {}
+        self.no_image: list[tuple[Path, str]] = []
+        self.no_image_count = 0
+        self.any_image = False
+        self.problems: list[str] = []
+        self.problem_count = 0
+
+    def problem(self, text: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+
+    def shard(self, path: Path) -> int:
+        n = 0
+        try:
+            for key, members in _iter_samples(path):
+                n += 1
+                self.sample(path, key, members)
+        except _TAR_ERRORS as e:
+            self.problem(f"{path}: unreadable tar after {n} samples ({e}); re-create or delete this shard")
+        return n
+
+    def sample(self, path: Path, key: str, members: dict[str, bytes]) -> None:
+        if (other := self.seen.get(key)) is not None:
+            where = "twice in this shard" if other == path else f"also in {other}"
+            self.problem(f"{path}: sample {key} is a duplicate key, {where}")
+        self.seen[key] = path
+        image = next((e for e in members if e in IMAGE_EXTS), None)
+        if image is None:
+            self.no_image_count += 1
+            if len(self.no_image) < MAX_PROBLEMS:
+                self.no_image.append((path, key))
+        else:
+            self.any_image = True
+            self._image(path, key, image, members[image])
+        self._caption(path, key, members.get("txt"))
+        if "cls" in members:
+            self.labels[members["cls"].strip()] += 1
+
+    def _image(self, path: Path, key: str, ext: str, data: bytes) -> None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only, no decode
+                w, h = im.size
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            self.problem(f"{path}: sample {key} has an unreadable .{ext} image ({e})")
+            return
+        self.widths.append(w)
+        self.heights.append(h)
+
+    def _caption(self, path: Path, key: str, data: bytes | None) -> None:
+        if data is None:
+            return self.problem(f"{path}: sample {key} has no caption (.txt)")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.problem(f"{path}: sample {key} has a caption that is not valid UTF-8")
+        if not text.strip():
+            return self.problem(f"{path}: sample {key} has an empty caption")
+        self.chars.append(len(text.strip()))
+        self.words.append(len(text.split()))
+
+
+def _read_json(path: Path, scan: _Scan) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        scan.problem(f"{path}: not readable JSON ({e})")
+
+
+def _failure_reasons(root: Path | None, scan: _Scan) -> dict[str, int]:
+    if root is None:
+        return {}
+    stats = _read_json(root / "stats.json", scan)
+    if isinstance(stats, dict) and isinstance(stats.get("reasons"), dict):
+        return {str(k): int(v) for k, v in stats["reasons"].items()}
+    reasons: Counter = Counter()
+    path = root / "failures.jsonl"
+    if path.is_file():
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                reasons[str(json.loads(line).get("reason", "unknown"))] += 1
+            except (ValueError, AttributeError):
+                scan.problem(f"{path}: line {i} is not a JSON object")
+    return dict(reasons)
+
+
+def _check_sizes(counts: dict[Path, int], whole_dirs: bool, scan: _Scan) -> bool | None:
+    agree = None
+    for folder in dict.fromkeys(p.parent for p in counts):
+        sizes = _read_json(folder / "sizes.json", scan)
+        if not isinstance(sizes, dict):
+            continue
+        agree = True if agree is None else agree
+        listed = {n for n in sizes if whole_dirs or folder / n in counts}
+        for name in sorted(listed | {p.name for p in counts if p.parent == folder}):
+            actual = counts.get(folder / name)
+            if actual is None or sizes.get(name) != actual:
+                agree = False
+                said = "is not listed" if name not in sizes else f"lists {sizes[name]} samples"
+                has = "no such shard exists" if actual is None else f"the shard has {actual}"
+                scan.problem(f"{folder / 'sizes.json'}: {name} {said}, {has}; re-run prepare or fix sizes.json")
+    return agree
+
+
+def grid_size(n: int) -> tuple[int, int]:
+    """Pixel (width, height) of a contact sheet of n samples."""
+    cols = min(COLUMNS, n)
+    return PAD + cols * CELL_W, PAD + math.ceil(n / cols) * CELL_H
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=12)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _pick(counts: dict[Path, int], n: int) -> dict[Path, set[int]]:
+    """n sample positions spread evenly over all samples in shard order: {shard: {index in shard}}."""
+    total = sum(counts.values())
+    k = min(n, total)
+    wanted, picked, start = [i * total // k for i in range(k)], {}, 0
+    for path, count in counts.items():
+        if chosen := {i - start for i in wanted if start <= i < start + count}:
+            picked[path] = chosen
+        start += count
+    return picked
+
+
+def _thumbs(picked: dict[Path, set[int]]) -> list[tuple[Image.Image, str]]:
+    out = []
+    for path, indices in picked.items():
+        try:
+            for i, (_, members) in enumerate(_iter_samples(path)):
+                if i > max(indices):
+                    break
+                image = next((e for e in members if e in IMAGE_EXTS), None)
+                if i in indices and image is not None:
+                    out.append((_thumb(members[image]), members.get("txt", b"").decode("utf-8", "replace")))
+        except _TAR_ERRORS:
+            continue  # already reported by the scan
+    return out
+
+
+def _thumb(data: bytes) -> Image.Image:
+    cell = Image.new("RGB", (THUMB, THUMB), (40, 40, 40))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at reduced scale
+            im = ImageOps.contain(im.convert("RGB"), (THUMB, THUMB))
+            cell.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        pass  # a grey cell; the scan names the bad image
+    return cell
+
+
+def _write_grid(items: list[tuple[Image.Image, str]], out: Path) -> None:
+    sheet = Image.new("RGB", grid_size(len(items)), "white")
+    draw, font = ImageDraw.Draw(sheet), _font()
+    chars = max(4, int(THUMB / (font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)))
+    cols = min(COLUMNS, len(items))
+    for i, (thumb, caption) in enumerate(items):
+        x, y = PAD + (i % cols) * CELL_W, PAD + (i // cols) * CELL_H
+        sheet.paste(thumb, (x, y))
+        lines = textwrap.wrap(" ".join(caption.split()), chars, max_lines=CAPTION_LINES, placeholder=" …")
+        for j, line in enumerate(lines):
+            draw.text((x, y + THUMB + 4 + j * LINE_HEIGHT), line, fill="black", font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, out)
+
+
+def inspect_shards(target: str, grid: Path | None = None, grid_samples: int = 32) -> InspectReport:
+    """Read every shard under `target`, validate each sample and summarise; optionally draw a grid."""
+    splits, root, whole, missing = _resolve(target)
+    scan, counts, report = _Scan(), {}, InspectReport(target=target)
+    for path in missing:
+        scan.problem(f"{path}: named by the pattern but does not exist")
+    for name, shards in splits.items():
+        counts.update((p, scan.shard(p)) for p in shards)
+        sizes = [counts[p] for p in shards]
+        report.splits[name] = SplitReport(len(shards), sum(sizes), {
+            "min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)})
+    meta = _read_json(root / "dataset.json", scan) if root else None
+    report.text_only = (isinstance(meta, dict) and meta.get("kind") == "text") or not scan.any_image
+    if not report.text_only:
+        for path, key in scan.no_image:
+            scan.problem(f"{path}: sample {key} has no image (.jpg/.jpeg/.png/.webp)")
+        scan.problem_count += scan.no_image_count - len(scan.no_image)
+    report.image_width, report.image_height = _summary(scan.widths), _summary(scan.heights)
+    report.caption_chars, report.caption_words = _summary(scan.chars), _summary(scan.words)
+    if scan.labels:
+        report.labels = {"samples": sum(scan.labels.values()), "distinct": len(scan.labels)}
+    report.failure_reasons = _failure_reasons(root, scan)
+    report.sizes_agree = _check_sizes(counts, whole, scan)
+    if grid is not None:
+        if report.text_only:
+            raise UserError(f"{target} holds text-only shards; --grid needs images, drop it")
+        items = _thumbs(_pick(counts, max(1, grid_samples)))
+        if not items:
+            raise UserError(f"{target}: no readable samples to draw; --grid needs at least one image")
+        _write_grid(items, Path(grid))
+        report.grid = str(grid)
+    report.problems, report.problem_count = scan.problems, scan.problem_count
+    return report
