@@ -1,0 +1,1 @@
+"""`mmpretrain prepare`: raw image-caption collections and text corpora to WebDataset shards."""

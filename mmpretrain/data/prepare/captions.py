@@ -1,0 +1,73 @@
+"""Caption and document text: decode, repair, normalise, split."""
+
+from __future__ import annotations
+
+import re
+
+import ftfy
+
+from mmpretrain.errors import SampleError
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def decode_text(raw: bytes) -> str:
+    """UTF-8 (a leading BOM is dropped); anything else is a recorded failure, not a guess."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SampleError("caption_not_utf8", f"byte {e.start}: {e.reason}") from None
+
+
+def clean_text(text: str) -> str:
+    """Repair mojibake and HTML entities (ftfy, as open_clip's tokenizer does) and collapse all
+    white space, newlines included, to single spaces."""
+    return " ".join(ftfy.fix_text(text).split())
+
+
+def clean_caption(text: str | bytes | None) -> str:
+    if text is None:
+        raise SampleError("missing_caption", "no caption for this image")
+    caption = clean_text(decode_text(text) if isinstance(text, bytes) else str(text))
+    if not caption:
+        raise SampleError("empty_caption", "caption is empty after normalising white space")
+    return caption
+
+
+def split_document(text: str, max_chars: int) -> list[str]:
+    """Pack whole sentences greedily into chunks of at most `max_chars`; a sentence longer than
+    that is cut at word boundaries, a word longer than that at `max_chars`."""
+    chunks: list[str] = []
+    current = ""
+    for sentence in _SENTENCE_END.split(text):
+        for piece in _cut(sentence, max_chars):
+            if current and len(current) + 1 + len(piece) > max_chars:
+                chunks.append(current)
+                current = piece
+            else:
+                current = f"{current} {piece}" if current else piece
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _cut(sentence: str, max_chars: int) -> list[str]:
+    if len(sentence) <= max_chars:
+        return [sentence]
+    pieces: list[str] = []
+    current = ""
+    for word in sentence.split(" "):
+        while len(word) > max_chars:
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(word[:max_chars])
+            word = word[max_chars:]
+        if current and len(current) + 1 + len(word) > max_chars:
+            pieces.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    if current:
+        pieces.append(current)
+    return pieces

@@ -1,0 +1,362 @@
+"""Sources: every supported input kind becomes one ordered stream of `Input`s.
+
+Order is fixed (sorted folder walks, manifest row order, tar member order) because the position
+of an input in the stream is its sample key, and byte-identical shards depend on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from mmpretrain.errors import UserError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MANIFEST_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+KINDS = ("folder", "classes", "csv", "tsv", "jsonl", "parquet", "wds", "text")
+IMAGE_COLUMNS = ("image", "url", "path", "filepath", "file", "image_path")
+CAPTION_COLUMNS = ("caption", "text", "title")
+
+
+@dataclass
+class Input:
+    """One would-be sample. Only cheap facts are gathered here; bytes are read by the workers."""
+
+    source: str  # path, URL or shard#key: what failures.jsonl names
+    image: str | None = None  # local path or http(s) URL
+    data: bytes | None = None  # image bytes already in hand (tar sources, after download)
+    caption: str | bytes | None = None
+    caption_path: str | None = None
+    label: int | None = None
+    label_path: str | None = None
+    meta_path: str | None = None
+    extra: dict = field(default_factory=dict)
+    error: tuple[str, str] | None = None  # a failure known before any work (reason, detail)
+    index: int = -1  # position in the whole stream, set by the pipeline
+
+    @property
+    def is_url(self) -> bool:
+        return self.image is not None and self.image.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class ColumnOptions:
+    image: str | None = None
+    caption: str | None = None
+    label: str | None = None
+    caption_template: str = "a photo of a {}."
+
+
+def detect_kind(source: str, text_only: bool = False) -> str:
+    if text_only:
+        return "text"
+    if any(c in source for c in "{*?[") or source.endswith(".tar"):
+        return "wds"
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"source {source} does not exist; check the path")
+    if path.is_file():
+        kind = MANIFEST_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise UserError(
+                f"cannot tell what kind of source {source} is from its extension; pass --format "
+                f"({'|'.join(KINDS)})"
+            )
+        return kind
+    top = sorted(os.listdir(path))
+    if (
+        any(name.endswith(".tar") for name in top)
+        or not any(_is_image(n) for n in top)
+        and any(name.endswith(".tar") for name in _walk_names(path, limit=1000))
+    ):
+        return "wds"
+    subdirs = [n for n in top if (path / n).is_dir()]
+    if subdirs and not any(_is_image(n) for n in top):
+        names = list(_walk_names(path / subdirs[0], limit=1000))
+        if any(_is_image(n) for n in names) and not any(n.endswith(".txt") for n in names):
+            return "classes"
+    return "folder"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS)
+
+
+def _walk_names(root: Path, limit: int) -> Iterator[str]:
+    count = 0
+    for _, _, files in os.walk(root):
+        for name in files:
+            yield name
+            count += 1
+            if count >= limit:
+                return
+
+
+def class_names(root: str) -> list[str]:
+    """Class folders of an ImageNet-style tree, sorted: the label is the position in this list."""
+    path = Path(root)
+    return sorted(n for n in os.listdir(path) if (path / n).is_dir())
+
+
+def iter_inputs(source: str, kind: str, columns: ColumnOptions, classes: list[str]) -> Iterator[Input]:
+    if kind == "folder":
+        return iter_folder(Path(source))
+    if kind == "classes":
+        return iter_class_folders(Path(source), classes, columns.caption_template)
+    if kind in ("csv", "tsv", "jsonl", "parquet"):
+        return iter_manifest(Path(source), kind, columns)
+    if kind == "wds":
+        return iter_tars(source)
+    raise UserError(f"source {source}: kind '{kind}' is not an image-text source; use --text-only for text")
+
+
+def iter_folder(root: Path) -> Iterator[Input]:
+    """img2dataset's "files" layout: IMAGE + same-stem .txt caption (+ optional .json, .cls)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        by_stem: dict[str, dict[str, str]] = {}
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            by_stem.setdefault(stem, {})[ext.lower()] = os.path.join(dirpath, name)
+        for stem in sorted(by_stem):
+            files = by_stem[stem]
+            images = [files[e] for e in sorted(files) if e in IMAGE_EXTS]
+            for image in images:
+                yield Input(
+                    source=image,
+                    image=image,
+                    caption_path=files.get(".txt"),
+                    meta_path=files.get(".json"),
+                    label_path=files.get(".cls"),
+                )
+            if not images and ".txt" in files:
+                yield Input(
+                    source=files[".txt"], error=("missing_image", "a caption file with no image beside it")
+                )
+
+
+def iter_class_folders(root: Path, classes: list[str], template: str) -> Iterator[Input]:
+    """ImageNet layout: ROOT/CLASS/**/IMAGE; caption from a template over the class name."""
+    for name in class_names(str(root)):
+        label = classes.index(name)
+        caption = template.format(name.replace("_", " "))
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if _is_image(fname):
+                    path = os.path.join(dirpath, fname)
+                    yield Input(source=path, image=path, caption=caption, label=label, extra={"class": name})
+
+
+def iter_manifest(path: Path, kind: str, columns: ColumnOptions) -> Iterator[Input]:
+    rows, names = _manifest_rows(path, kind)
+    image_col = _pick_column(path, names, columns.image, IMAGE_COLUMNS, "--image-column")
+    caption_col = _pick_column(path, names, columns.caption, CAPTION_COLUMNS, "--caption-column")
+    label_col = columns.label or ("label" if "label" in names else None)
+    if columns.label and columns.label not in names:
+        raise UserError(f"manifest {path} has no column '{columns.label}' (--label-column); columns: {names}")
+    base = path.parent
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}:{number}"
+        if isinstance(row, tuple):  # an unreadable row: (reason, detail)
+            yield Input(source=where, error=row)
+            continue
+        yield _row_input(row, where, base, image_col, caption_col, label_col)
+
+
+def _row_input(
+    row: dict, where: str, base: Path, image_col: str, caption_col: str, label_col: str | None
+) -> Input:
+    value = row.get(image_col)
+    extra = {k: _json_safe(v) for k, v in row.items() if k not in (image_col, caption_col, label_col)}
+    if value is None or str(value).strip() == "":
+        return Input(source=where, error=("missing_image", f"row has no value in column '{image_col}'"))
+    image = str(value).strip()
+    if not image.startswith(("http://", "https://")):
+        image = str(base / image) if not os.path.isabs(image) else image
+    caption = row.get(caption_col)
+    caption = (
+        None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
+    )
+    inp = Input(source=image, image=image, caption=caption, extra=extra)
+    if label_col is not None and row.get(label_col) not in (None, ""):
+        try:
+            inp.label = int(str(row[label_col]).strip())
+        except ValueError:
+            inp.error = ("invalid_label", f"{where}: label {row[label_col]!r} is not an integer")
+    return inp
+
+
+def _manifest_rows(path: Path, kind: str) -> tuple[Iterator, list[str]]:
+    if kind in ("csv", "tsv"):
+        fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed by the generator
+        reader = csv.DictReader(fh, delimiter="," if kind == "csv" else "\t")
+        names = list(reader.fieldnames or [])
+
+        def rows():
+            with fh:
+                yield from reader
+
+        return rows(), names
+    if kind == "jsonl":
+        return _jsonl_rows(path)
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"manifest {path} is not a readable parquet file ({e})") from None
+
+    def parquet_rows():
+        for batch in pf.iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+
+    return parquet_rows(), list(pf.schema_arrow.names)
+
+
+def _jsonl_rows(path: Path) -> tuple[Iterator, list[str]]:
+    names: list[str] = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    names = list(json.loads(line))
+                except (json.JSONDecodeError, TypeError):
+                    pass
+                break
+
+    def rows():
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield ("invalid_row", f"not valid JSON: {e}")
+                    continue
+                yield row if isinstance(row, dict) else ("invalid_row", "a JSON value that is not an object")
+
+    return rows(), names
+
+
+def _pick_column(path: Path, names: list[str], wanted: str | None, candidates: tuple, flag: str) -> str:
+    if wanted:
+        if wanted not in names:
+            raise UserError(f"manifest {path} has no column '{wanted}' ({flag}); columns: {names}")
+        return wanted
+    for name in candidates:
+        if name in names:
+            return name
+    raise UserError(
+        f"manifest {path} has none of the columns {list(candidates)}; name yours with {flag} (columns: {names})"
+    )
+
+
+def _json_safe(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return str(value)
+
+
+def expand_tar_paths(source: str) -> list[str]:
+    """Brace patterns, globs, a directory (every .tar below it, sorted) or one tar."""
+    if os.path.isdir(source):
+        paths = sorted(str(p) for p in Path(source).rglob("*.tar"))
+    else:
+        paths = []
+        for pattern in braceexpand(source):
+            found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            paths.extend(found)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise UserError(
+            f"shard source {source} matches no tar file{': ' + missing[0] if missing else ''}; check the pattern"
+        )
+    return paths
+
+
+def iter_tars(source: str) -> Iterator[Input]:
+    """Samples of existing WebDataset shards (ours, img2dataset's), to re-size or re-shard."""
+    for path in expand_tar_paths(source):
+        try:
+            for key, members in _tar_samples(path):
+                yield _tar_input(path, key, members)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield Input(source=path, error=("corrupt_shard", f"stopped reading the tar: {e}"))
+
+
+def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key (basename up to the first dot), as webdataset does."""
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            dirname, base = os.path.split(info.name)
+            if "." not in base or base.startswith("."):
+                continue
+            stem, ext = base.split(".", 1)
+            this = os.path.join(dirname, stem) if dirname else stem
+            if this != key and key is not None:
+                yield key, members
+                members = {}
+            key = this
+            members[ext.lower()] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def _tar_input(path: str, key: str, members: dict[str, bytes]) -> Input:
+    where = f"{path}#{key}"
+    extra: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            extra = {k: v for k, v in meta.items() if k not in _RECOMPUTED} if isinstance(meta, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            extra = {}
+    source = extra.pop("url", None) or extra.pop("source", None) or where
+    image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+    if image_ext is None:
+        return Input(
+            source=where, error=("missing_image", f"sample has no image member ({'/'.join(WDS_IMAGE_EXTS)})")
+        )
+    inp = Input(source=str(source), data=members[image_ext], caption=members.get("txt"), extra=extra)
+    if "cls" in members:
+        try:
+            inp.label = int(members["cls"].decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            inp.error = ("invalid_label", f"{where}: .cls is not an integer")
+    return inp
+
+
+# Fields that a re-shard recomputes rather than copies from the old sample's .json.
+_RECOMPUTED = {
+    "key",
+    "caption",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+    "status",
+    "error_message",
+    "label",
+}
