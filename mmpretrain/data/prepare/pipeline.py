@@ -109,7 +109,18 @@ def _plan(sources: list[str], opts: PrepareOptions, out: Path) -> dict:
         if path.exists() and path.is_dir() and (out == path or path in out.parents):
             raise UserError(f"output {opts.out} lies inside source {source}; choose an output folder outside it")
     classes = sorted({c for s, k in zip(sources, kinds) if k == "classes" for c in class_names(s)})
-    return {"sources": sources, "kinds": kinds, "resolved": resolved, "classes": classes}
+    plan = {"sources": sources, "kinds": kinds, "resolved": resolved, "classes": classes}
+    for source, kind, stream in zip(sources, kinds, _streams(plan, opts)):
+        # Reading the first input checks columns and patterns before anything is written.
+        if next(stream, None) is None:
+            raise UserError(f"source {source} holds no inputs (read as {kind}); check the path or --format")
+    return plan
+
+
+def _streams(plan: dict, opts: PrepareOptions) -> list[Iterator[Input]]:
+    if opts.text_only:
+        return [iter_text_inputs(s, opts.text) for s in plan["sources"]]
+    return [iter_inputs(s, k, opts.columns, plan["classes"]) for s, k in zip(plan["sources"], plan["kinds"])]
 
 
 def _already_complete(out: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -171,6 +182,8 @@ class _Run:
             seq.clean_stale()
         self.failures = open(self.failures_path, "ab")  # noqa: SIM115 - closed in execute
         self.started = time.time()
+        if state is None:
+            self._checkpoint(0)  # from here on a re-run resumes instead of refusing a non-empty --out
 
     def _restore(self, state: dict) -> None:
         self.tally = Tally.from_state(state["tally"])
@@ -206,12 +219,7 @@ class _Run:
 
     # -- producing results, in input order ---------------------------------------------------
     def _inputs(self) -> Iterator[Input]:
-        plan, opts = self.plan, self.opts
-        if opts.text_only:
-            streams = [iter_text_inputs(s, opts.text) for s in plan["sources"]]
-        else:
-            streams = [iter_inputs(s, k, opts.columns, plan["classes"]) for s, k in zip(plan["sources"], plan["kinds"])]
-        for index, inp in enumerate(itertools.chain.from_iterable(streams)):
+        for index, inp in enumerate(itertools.chain.from_iterable(_streams(self.plan, self.opts))):
             if index >= self.resume_from or index in self.replay:
                 inp.index = index
                 yield inp
