@@ -80,7 +80,7 @@ def test_folder_source_contract(tmp_path):
     meta = json.loads(first["json"])
     assert first["txt"] == b"caption of image 0"  # white space normalised
     assert first["cls"] == b"3" and meta["label"] == 3 and meta["photographer"] == "ana"
-    assert meta["sha256"] == hashlib.sha256((tmp_path / "src/part0/img0000.jpg").read_bytes()).hexdigest()
+    assert meta["sha256"] == hashlib.sha256(first["jpg"]).hexdigest()
     assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (32, 32, 48, 40)
     assert Image.open(io.BytesIO(first["jpg"])).size == (32, 32)
     assert json.loads((out / "train" / "sizes.json").read_text()) == {"demo-000000.tar": 20}
