@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/mmpretrain demo-data --out $(DEMO)/raw
-	$(VENV)/bin/mmpretrain prepare $(DEMO)/raw/folder $(DEMO)/raw/manifest.csv --out shards/demo --image-size 64 --workers 2 --val-fraction 0.05
-	$(VENV)/bin/mmpretrain prepare $(DEMO)/raw/corpus.txt --text-only --out shards/demo-text --val-fraction 0.05
+	$(VENV)/bin/mmpretrain prepare $(DEMO)/raw/folder $(DEMO)/raw/manifest.csv --out shards/demo --image-size 64 --workers 2 --val-fraction 0.05 --shard-size 500
+	$(VENV)/bin/mmpretrain prepare $(DEMO)/raw/corpus.txt --text-only --out shards/demo-text --val-fraction 0.05 --shard-size 500
 	$(VENV)/bin/mmpretrain inspect shards/demo --grid $(DEMO)/contact.png
 	$(VENV)/bin/mmpretrain inspect shards/demo-text
 

@@ -199,7 +199,7 @@ class _Run:
             self.seen = set(self.hashes_path.read_text().split())
 
     def execute(self) -> dict:
-        bar = tqdm(desc="prepare", unit="sample", disable=not self.opts.progress, dynamic_ncols=True)
+        bar = tqdm(desc="prepare", unit="sample", disable=None if self.opts.progress else True, dynamic_ncols=True)  # None: off when not a terminal
         try:
             for result in self._results():
                 self._consume(result)
