@@ -19,6 +19,8 @@ from mmpretrain.errors import SampleError
 
 RESIZE_MODES = ("center_crop", "keep_ratio", "border", "none")
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# Largest side each encoder accepts (JPEG: 65,535; WebP: 16,383); PNG is held to JPEG's.
+MAX_OUTPUT_SIDE = {"jpg": 65_500, "png": 65_500, "webp": 16_383}
 # Pillow's own default limit (about 89.5 megapixels); beyond it a tiny file can expand to gigabytes.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -57,19 +59,16 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-    except OSError as e:
-        reason = "truncated_image" if "truncated" in str(e) else "decode_error"
-        raise SampleError(reason, str(e)) from None
-    except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise SampleError("decode_error", str(e)) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _decode_failure(e) from None
     img = to_rgb(img)
     img = resize(img, opts)
     out = io.BytesIO()
     fmt = ENCODE_FORMATS[opts.encode_format]
-    if fmt == "PNG":
-        img.save(out, fmt)
-    else:
-        img.save(out, fmt, quality=opts.quality)
+    try:
+        img.save(out, fmt, **({} if fmt == "PNG" else {"quality": opts.quality}))
+    except (OSError, ValueError) as e:
+        raise SampleError("encode_error", f"{fmt} encoder refused {img.width}x{img.height}: {e}") from None
     ow, oh = original_size
     return ProcessedImage(out.getvalue(), opts.encode_format, img.width, img.height, ow, oh)
 
@@ -87,7 +86,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise SampleError("not_an_image", f"{len(data)} bytes that no image decoder recognises") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise SampleError("decode_error", str(e)) from None
+        raise _decode_failure(e) from None
     w, h = img.size
     if w * h > max_pixels:
         raise SampleError(
@@ -96,6 +95,13 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if w == 0 or h == 0:
         raise SampleError("decode_error", f"image has a zero dimension ({w}x{h})")
     return img
+
+
+def _decode_failure(e: Exception) -> SampleError:
+    # Pillow says "image file is truncated" when the data ends mid-scan and "Truncated File Read"
+    # when it ends inside the header: both are a cut-off file, not a corrupt one.
+    reason = "truncated_image" if "truncated" in str(e).lower() else "decode_error"
+    return SampleError(reason, str(e) or type(e).__name__)
 
 
 def _draft(img: Image.Image, opts: ImageOptions) -> None:
@@ -141,9 +147,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    # Palette, L and RGB images may carry a transparent colour key instead of an alpha band.
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -164,7 +169,14 @@ def resize(img: Image.Image, opts: ImageOptions) -> Image.Image:
             box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
             return img.resize((s, s), resample, box=box)  # crop and resize in one pass
         k = s / min(w, h)
-        return img.resize((max(1, round(w * k)), max(1, round(h * k))), resample)
+        size = (max(1, round(w * k)), max(1, round(h * k)))
+        if max(size) > MAX_OUTPUT_SIDE[opts.encode_format]:
+            raise SampleError(
+                "aspect_ratio",
+                f"{w}x{h} at keep_ratio {s} would be {size[0]}x{size[1]}, beyond what "
+                f"{opts.encode_format} can store; filter with --max-aspect-ratio",
+            )
+        return img.resize(size, resample)
     # border: long side to s (unless only-if-bigger forbids), then pad to s x s, as img2dataset does
     if not (opts.resize_only_if_bigger and max(w, h) <= s):
         k = s / max(w, h)

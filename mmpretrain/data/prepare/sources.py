@@ -191,10 +191,19 @@ def _row_input(
     inp = Input(source=image, image=image, caption=caption, extra=extra)
     if label_col is not None and row.get(label_col) not in (None, ""):
         try:
-            inp.label = int(str(row[label_col]).strip())
+            inp.label = _integer(row[label_col])
         except ValueError:
             inp.error = ("invalid_label", f"{where}: label {row[label_col]!r} is not an integer")
     return inp
+
+
+def _integer(value) -> int:
+    """3, "3" and 3.0 (parquet integer columns with nulls arrive as floats) are label 3."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(str(value).strip())
 
 
 def _manifest_rows(path: Path, kind: str) -> tuple[Iterator, list[str]]:
