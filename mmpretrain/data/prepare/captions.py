@@ -37,37 +37,26 @@ def clean_caption(text: str | bytes | None) -> str:
 def split_document(text: str, max_chars: int) -> list[str]:
     """Pack whole sentences greedily into chunks of at most `max_chars`; a sentence longer than
     that is cut at word boundaries, a word longer than that at `max_chars`."""
-    chunks: list[str] = []
-    current = ""
-    for sentence in _SENTENCE_END.split(text):
-        for piece in _cut(sentence, max_chars):
-            if current and len(current) + 1 + len(piece) > max_chars:
-                chunks.append(current)
-                current = piece
-            else:
-                current = f"{current} {piece}" if current else piece
-    if current:
-        chunks.append(current)
-    return chunks
+    return _pack((piece for sentence in _SENTENCE_END.split(text) for piece in _cut(sentence, max_chars)), max_chars)
 
 
 def _cut(sentence: str, max_chars: int) -> list[str]:
     if len(sentence) <= max_chars:
         return [sentence]
-    pieces: list[str] = []
+    parts = (word[i : i + max_chars] for word in sentence.split(" ") for i in range(0, max(len(word), 1), max_chars))
+    return _pack(parts, max_chars)
+
+
+def _pack(pieces, max_chars: int) -> list[str]:
+    """Join pieces with single spaces into as few chunks of at most `max_chars` as greedy allows."""
+    chunks: list[str] = []
     current = ""
-    for word in sentence.split(" "):
-        while len(word) > max_chars:
-            if current:
-                pieces.append(current)
-                current = ""
-            pieces.append(word[:max_chars])
-            word = word[max_chars:]
-        if current and len(current) + 1 + len(word) > max_chars:
-            pieces.append(current)
-            current = word
+    for piece in pieces:
+        if current and len(current) + 1 + len(piece) > max_chars:
+            chunks.append(current)
+            current = piece
         else:
-            current = f"{current} {word}" if current else word
+            current = f"{current} {piece}" if current else piece
     if current:
-        pieces.append(current)
-    return pieces
+        chunks.append(current)
+    return chunks
