@@ -1,0 +1,129 @@
+"""Shard patterns to a checked list of shards with sample counts.
+
+Counts come from `sizes.json` beside the shards (open_clip's convention, written by `prepare`),
+from img2dataset's `NNNNN_stats.json`, or, for local tars with neither, from a scan of the tar
+headers (no member data is read). Remote shards (`pipe:`, http) need a sizes.json given explicitly
+in epoch mode, where exact per-process counts depend on them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from mmpretrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One pattern of shards and its sampling weight (its share of samples in resampled mode)."""
+
+    pattern: str
+    weight: float = 1.0
+    sizes: str | None = None  # a sizes.json for remote shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    size: int | None  # samples; None for remote shards without sizes
+    source: int  # index into the list of ShardSources
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))
+
+
+def expand(pattern: str) -> list[str]:
+    """Brace notation, globs and directories (every .tar in it, sorted) for local paths."""
+    if is_remote(pattern):
+        return list(braceexpand(pattern))
+    if os.path.isdir(pattern):
+        return sorted(str(p) for p in Path(pattern).glob("*.tar"))
+    urls: list[str] = []
+    for part in braceexpand(pattern):
+        urls += sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+    return urls
+
+
+def resolve(sources: list[ShardSource], need_sizes: bool) -> list[Shard]:
+    shards: list[Shard] = []
+    for index, source in enumerate(sources):
+        if source.weight <= 0:
+            raise UserError(f"shard pattern {source.pattern}: weight must be positive, got {source.weight}")
+        urls = expand(source.pattern)
+        if not urls:
+            raise UserError(f"shard pattern {source.pattern} matches no files; check the path or brace range")
+        missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UserError(f"shard {missing[0]}{more} from pattern {source.pattern} does not exist")
+        explicit = _load_sizes(source.sizes) if source.sizes else None
+        for url in urls:
+            size = _size(url, explicit)
+            if size is None and need_sizes:
+                raise UserError(
+                    f"shard {url} has no known sample count; epoch mode needs one: pass a sizes.json "
+                    "for remote shards, or use mode=resampled"
+                )
+            shards.append(Shard(url, size, index))
+    return shards
+
+
+def _size(url: str, explicit: dict | None) -> int | None:
+    name = url.rsplit("/", 1)[-1]
+    if explicit is not None and name in explicit:
+        return int(explicit[name])
+    if is_remote(url):
+        return None
+    path = Path(url)
+    sizes = _sizes_file(str(path.parent / "sizes.json"))
+    if name in sizes:
+        return int(sizes[name])
+    stats = path.with_name(f"{path.stem}_stats.json")  # img2dataset
+    if stats.is_file():
+        return int(json.loads(stats.read_text())["successes"])
+    return count_samples(url)
+
+
+@cache
+def _sizes_file(path: str) -> dict:
+    return _load_sizes(path) if os.path.isfile(path) else {}
+
+
+def _load_sizes(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"sizes file {path} is unreadable ({e})") from None
+
+
+@cache
+def count_samples(path: str) -> int:
+    """Distinct consecutive keys in a local tar, from its headers alone."""
+    count, last = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                key = sample_key(info.name)
+                if key is not None and key != last:
+                    count, last = count + 1, key
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"shard {path} is not a readable tar ({e})") from None
+    return count
+
+
+def sample_key(name: str) -> str | None:
+    """webdataset's rule: the member path up to the first dot of its basename."""
+    dirname, base = os.path.split(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem = base.split(".", 1)[0]
+    return f"{dirname}/{stem}" if dirname else stem
