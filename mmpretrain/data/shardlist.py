@@ -41,12 +41,12 @@ def is_remote(url: str) -> bool:
     return url.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))
 
 
-def expand(pattern: str) -> list[str]:
-    """Brace notation, globs and directories (every .tar in it, sorted) for local paths."""
+def expand(pattern: str, recursive: bool = False) -> list[str]:
+    """Brace notation, globs and directories (every .tar in it, or below it, sorted) for local paths."""
     if is_remote(pattern):
         return list(braceexpand(pattern))
     if os.path.isdir(pattern):
-        return sorted(str(p) for p in Path(pattern).glob("*.tar"))
+        return sorted(str(p) for p in (Path(pattern).rglob if recursive else Path(pattern).glob)("*.tar"))
     urls: list[str] = []
     for part in braceexpand(pattern):
         urls += sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]

@@ -7,17 +7,15 @@ of an input in the stream is its sample key, and byte-identical shards depend on
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from braceexpand import braceexpand
-
+from mmpretrain.data.shardlist import expand
+from mmpretrain.data.tario import ShardError, iter_tar_samples
 from mmpretrain.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -286,13 +284,7 @@ def _json_safe(value):
 
 def expand_tar_paths(source: str) -> list[str]:
     """Brace patterns, globs, a directory (every .tar below it, sorted) or one tar."""
-    if os.path.isdir(source):
-        paths = sorted(str(p) for p in Path(source).rglob("*.tar"))
-    else:
-        paths = []
-        for pattern in braceexpand(source):
-            found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-            paths.extend(found)
+    paths = expand(source, recursive=True)
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or missing:
         raise UserError(
@@ -303,33 +295,14 @@ def expand_tar_paths(source: str) -> list[str]:
 
 def iter_tars(source: str) -> Iterator[Input]:
     """Samples of existing WebDataset shards (ours, img2dataset's), to re-size or re-shard."""
-    for path in expand_tar_paths(source):
+    paths = expand_tar_paths(source)
+    for path in paths:
         try:
-            for key, members in _tar_samples(path):
-                yield _tar_input(path, key, members)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield Input(source=path, error=("corrupt_shard", f"stopped reading the tar: {e}"))
-
-
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members by key (basename up to the first dot), as webdataset does."""
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            dirname, base = os.path.split(info.name)
-            if "." not in base or base.startswith("."):
-                continue
-            stem, ext = base.split(".", 1)
-            this = os.path.join(dirname, stem) if dirname else stem
-            if this != key and key is not None:
-                yield key, members
-                members = {}
-            key = this
-            members[ext.lower()] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
+            for sample in iter_tar_samples(path):
+                members = {k: v for k, v in sample.items() if not k.startswith("__")}
+                yield _tar_input(path, sample["__key__"], members)
+        except ShardError as e:
+            yield Input(source=path, error=("corrupt_shard", str(e)))
 
 
 def _tar_input(path: str, key: str, members: dict[str, bytes]) -> Input:
