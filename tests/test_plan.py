@@ -7,7 +7,12 @@ import itertools
 import pytest
 
 from mmpretrain.data.plan import (
-    batches_per_rank, consumed_by_worker, derive_seed, epoch_plan, shard_order, worker_block,
+    batches_per_rank,
+    consumed_by_worker,
+    derive_seed,
+    epoch_plan,
+    shard_order,
+    worker_block,
 )
 from mmpretrain.data.shardlist import Shard
 

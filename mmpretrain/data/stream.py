@@ -1,0 +1,212 @@
+"""The per-worker sample stream: plan -> raw samples -> seeded shuffle -> skip/validate -> batches.
+
+Everything before decoding works on raw member bytes, so resuming skips consumed samples without
+decoding them: a worker replays its raw stream (same shards, same shuffle) and drops the first
+`position` outputs. All randomness is drawn from generators seeded by (seed, purpose, epoch, rank,
+worker[, batch]); no global RNG leaks in or out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmpretrain.data.plan import WorkerPlan, batches_per_rank, derive_seed, epoch_plan, worker_block
+from mmpretrain.data.shardlist import Shard, ShardSource
+from mmpretrain.data.tario import iter_tar_samples
+from mmpretrain.errors import UserError
+
+MODES = ("epoch", "resampled")
+# Resampled mode gives up when this many samples in a row were unusable (all shards bad).
+MAX_CONSECUTIVE_BAD = 100_000
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    shards: tuple[ShardSource, ...]
+    batch_size: int
+    mode: str = "epoch"  # "epoch": one pass, no sample twice; "resampled": shards drawn with replacement
+    seed: int = 0
+    shuffle: bool = True  # shard order and the sample buffer
+    shuffle_buffer: int = 1000
+    drop_last: bool = True  # False (evaluation): every sample once, last batches may be short
+    samples_per_epoch: int | None = None  # resampled: length of a (virtual) epoch; default: all samples
+
+
+@dataclass
+class Position:
+    """Where a loader stands: batches delivered this epoch, and per worker its raw-stream position."""
+
+    epoch: int = 0
+    batches: int = 0
+    raw: dict[int, int] = field(default_factory=dict)
+
+
+class ShardStream(IterableDataset):
+    """Yields whole batches (DataLoader batch_size=None). `decoder` turns raw samples into items and
+    items into a batch; it is the only part that knows about images or text."""
+
+    def __init__(self, cfg: StreamConfig, shards: list[Shard], decoder, rank: int = 0, world: int = 1):
+        if cfg.mode not in MODES:
+            raise UserError(f"data mode must be one of {MODES}, got '{cfg.mode}'")
+        self.cfg, self.shards, self.decoder, self.rank, self.world = cfg, shards, decoder, rank, world
+        self.position = Position()
+
+    # -- sizes -------------------------------------------------------------------------------
+    def total_samples(self) -> int:
+        if self.cfg.mode == "resampled" and self.cfg.samples_per_epoch:
+            return self.cfg.samples_per_epoch
+        if any(s.size is None for s in self.shards):
+            raise UserError("resampled mode over shards without sample counts needs samples_per_epoch")
+        return sum(s.size for s in self.shards)
+
+    def batches_per_epoch(self) -> int:
+        drop_last = self.cfg.drop_last or self.cfg.mode == "resampled"
+        return batches_per_rank(self.total_samples(), self.world, self.cfg.batch_size, drop_last)
+
+    # -- iteration (runs in each DataLoader worker) ------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        pos = self.position
+        num_workers = info.num_workers if info else 1
+        # DataLoader always starts its round-robin at worker 0; after a resume at rank batch c the
+        # next batch belongs to worker c % W, so DataLoader worker i plays worker (i + c) % W.
+        worker = ((info.id if info else 0) + pos.batches) % num_workers
+        plan = self._plan(worker, num_workers)
+        done = max(0, min(plan.batches, _consumed(pos.batches, worker, num_workers)))
+        raw = _RawStream(self._raw(plan, worker), self.decoder, pos.raw.get(worker, 0))
+        for j in range(done, plan.batches):
+            size = self._batch_size(plan, j)
+            items = self._fill(raw, size)
+            seed = derive_seed(self.cfg.seed, "batch", pos.epoch, self.rank, worker, j)
+            batch = self.decoder.collate(items, seed)
+            batch["__meta__"] = {"worker": worker, "raw": raw.position, "skipped": dict(raw.take_skipped())}
+            yield batch
+
+    def _plan(self, worker: int, num_workers: int) -> WorkerPlan:
+        cfg = self.cfg
+        if cfg.mode == "epoch":
+            return epoch_plan(
+                self.shards, seed=cfg.seed, epoch=self.position.epoch, rank=self.rank, world=self.world,
+                worker=worker, num_workers=num_workers, batch_size=cfg.batch_size,
+                drop_last=cfg.drop_last, shuffle=cfg.shuffle,
+            )
+        first, count = worker_block(self.batches_per_epoch(), worker, num_workers)
+        return WorkerPlan(count, first, (), count * cfg.batch_size)
+
+    def _batch_size(self, plan: WorkerPlan, j: int) -> int:
+        return max(0, min(self.cfg.batch_size, plan.samples - j * self.cfg.batch_size))
+
+    def _raw(self, plan: WorkerPlan, worker: int) -> Iterator[dict]:
+        cfg, epoch = self.cfg, self.position.epoch
+        if cfg.mode == "epoch":
+            samples = (s for seg in plan.segments for s in iter_tar_samples(seg.shard.url, seg.start, seg.stop))
+        else:
+            samples = self._resampled(derive_seed(cfg.seed, "resample", epoch, self.rank, worker))
+        if not cfg.shuffle or cfg.shuffle_buffer <= 1:
+            return samples
+        return shuffled(samples, cfg.shuffle_buffer, derive_seed(cfg.seed, "buffer", epoch, self.rank, worker))
+
+    def _resampled(self, seed: int) -> Iterator[dict]:
+        """Shards drawn with replacement; a source's share of samples follows its weight."""
+        rng = random.Random(seed)
+        by_source: dict[int, list[Shard]] = {}
+        for shard in self.shards:
+            by_source.setdefault(shard.source, []).append(shard)
+        sources = sorted(by_source)
+        weights = [self.cfg.shards[s].weight / _mean_size(by_source[s]) for s in sources]
+        while True:
+            source = rng.choices(sources, weights)[0]
+            yield from iter_tar_samples(rng.choice(by_source[source]).url)
+
+    def _fill(self, raw: _RawStream, size: int) -> list:
+        items: list = []
+        bad_in_a_row = 0
+        while len(items) < size:
+            sample = raw.next_usable()
+            item = None if sample is None else self.decoder.decode(sample, raw.skipped)
+            if item is not None:
+                items.append(item)
+                bad_in_a_row = 0
+                continue
+            bad_in_a_row += 1
+            if sample is None or bad_in_a_row > MAX_CONSECUTIVE_BAD:
+                raise UserError(
+                    f"no usable samples left for rank {self.rank} (skipped: {dict(raw.skipped_total)}); "
+                    "check that the shards hold images and captions under the configured keys"
+                )
+        return items
+
+
+def _consumed(batches: int, worker: int, num_workers: int) -> int:
+    return max(0, (batches - worker + num_workers - 1) // num_workers)
+
+
+def _mean_size(shards: list[Shard]) -> float:
+    known = [s.size for s in shards if s.size]
+    return sum(known) / len(known) if known else 1.0
+
+
+class _RawStream:
+    """Raw samples with a position; skips the first `skip` outputs (a resume) without decoding.
+    Samples the decoder rejects cheaply are counted by reason. When the stream runs out (epoch mode
+    with unusable samples) it cycles through a reserve of the first usable samples it saw, so every
+    worker still delivers its full share of batches: nothing hangs on uneven or dirty shards."""
+
+    def __init__(self, samples: Iterator[dict], decoder, skip: int, reserve_size: int = 256):
+        self.samples, self.decoder, self.position = samples, decoder, 0
+        self.skipped, self.skipped_total = Counter(), Counter()
+        self.reserve: list[dict] = []
+        self.reserve_size, self._refills = reserve_size, 0
+        while self.position < skip:
+            if self._next_raw() is None:  # a resume past the end: the rest were refills
+                self._refills += 1
+                self.position += 1
+
+    def _next_raw(self) -> dict | None:
+        sample = next(self.samples, None)
+        if sample is None:
+            return None
+        self.position += 1
+        usable = self.decoder.reject(sample) is None
+        if usable and len(self.reserve) < self.reserve_size:
+            self.reserve.append(sample)
+        return sample
+
+    def next_usable(self) -> dict | None:
+        while (sample := self._next_raw()) is not None:
+            reason = self.decoder.reject(sample)
+            if reason is None:
+                return sample
+            self.skipped[reason] += 1
+            self.skipped_total[reason] += 1
+        if not self.reserve:
+            return None
+        self._refills += 1
+        self.position += 1
+        self.skipped["refilled"] += 1
+        return self.reserve[(self._refills - 1) % len(self.reserve)]
+
+    def take_skipped(self) -> Counter:
+        taken, self.skipped = self.skipped, Counter()
+        return taken
+
+
+def shuffled(samples: Iterator[dict], size: int, seed: int) -> Iterator[dict]:
+    """A seeded shuffle buffer: fill to `size`, then emit a random slot and refill it."""
+    rng = random.Random(seed)
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(size)
+        buffer[slot], sample = sample, buffer[slot]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+

@@ -1,0 +1,93 @@
+"""Text-branch batches: MLM and AR targets for a list of texts, plus optional sentence-pair tasks.
+
+Sentence pairs follow BERT's next-sentence prediction ("nsp": B is the true continuation, label 1,
+or a segment of another document, label 0) and ALBERT's sentence-order prediction ("sop": A then B,
+label 1, or the same two segments swapped, label 0). Captions are often one sentence; those are
+split at the word boundary nearest the middle.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from mmpretrain.data.masking import MaskingConfig, ar_targets, mask_tokens
+from mmpretrain.data.tokenizer import Tokenizer
+
+PAIR_OBJECTIVES = ("nsp", "sop")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(document: str) -> list[str]:
+    """Sentences of a document: split after `.`, `!` or `?` followed by whitespace."""
+    return [s for s in _SENTENCE_END.split(document.strip()) if s]
+
+
+def split_document(document: str, choice: float) -> tuple[str, str]:
+    """(A, B): consecutive sentences before / after a split point picked by `choice` in [0, 1).
+
+    A one-sentence document is split at the word boundary nearest its middle; a one-word document
+    gives B = "" (nothing to split), which the pair encoding keeps as an empty segment.
+    """
+    sentences = split_sentences(document)
+    if len(sentences) >= 2:
+        cut = 1 + int(choice * (len(sentences) - 1))  # 1 .. n-1: both sides non-empty
+        return " ".join(sentences[:cut]), " ".join(sentences[cut:])
+    words = document.split()
+    middle = len(words) // 2 if len(words) >= 2 else len(words)
+    return " ".join(words[:middle]), " ".join(words[middle:])
+
+
+def make_sentence_pairs(documents: list[str], objective: str,
+                        generator: torch.Generator) -> tuple[list[str], list[str], Tensor]:
+    """(first, second, labels): label 1 = true order/continuation, 0 = swapped (sop) or foreign B (nsp)."""
+    if objective not in PAIR_OBJECTIVES:
+        raise ValueError(f"pair objective {objective!r} is not one of {', '.join(PAIR_OBJECTIVES)}")
+    n = len(documents)
+    if objective == "nsp" and n < 2:
+        raise ValueError("nsp needs at least 2 documents per batch to draw a negative from another one")
+    # Fixed number of draws per call, whatever the documents say: replayable from the seed.
+    choices = torch.rand(n, generator=generator).tolist()
+    negative = (torch.rand(n, generator=generator) < 0.5).tolist()
+    other = torch.randint(0, max(n - 1, 1), (n,), generator=generator).tolist()
+    splits = [split_document(doc, c) for doc, c in zip(documents, choices)]
+    first, second, labels = [], [], []
+    for i, (a, b) in enumerate(splits):
+        if negative[i] and objective == "sop":
+            a, b = b, a
+        elif negative[i]:  # nsp: the B segment of a different document (index != i)
+            b = splits[other[i] + (other[i] >= i)][1]
+        first.append(a)
+        second.append(b)
+        labels.append(0 if negative[i] else 1)
+    return first, second, torch.tensor(labels, dtype=torch.long)
+
+
+def text_batch(texts: list[str], tokenizer: Tokenizer, masking_cfg: MaskingConfig,
+               generator: torch.Generator, pair_objective: str | None = None) -> dict[str, Tensor]:
+    """Tensors for the text branch: MLM and AR views of `texts`, and sentence pairs when asked."""
+    batch = tokenizer.encode(texts)
+    mlm_input_ids, mlm_labels = mask_tokens(batch, tokenizer, masking_cfg, generator)
+    ar_input_ids, ar_labels = ar_targets(batch)
+    out = {
+        "mlm_input_ids": mlm_input_ids,  # (B, L)
+        "mlm_labels": mlm_labels,  # (B, L), -100 = not predicted
+        "ar_input_ids": ar_input_ids,  # (B, L)
+        "ar_labels": ar_labels,  # (B, L), -100 = not predicted
+        "lengths": batch.lengths,  # (B,)
+        "eot_index": batch.eot_index,  # (B,)
+        "attention_mask": batch.attention_mask,  # (B, L) bool
+    }
+    if pair_objective is not None:
+        first, second, labels = make_sentence_pairs(texts, pair_objective, generator)
+        pairs = tokenizer.encode_pair(first, second)
+        out.update(
+            pair_input_ids=pairs.ids,  # (B, L)
+            pair_segment_ids=pairs.segment_ids,  # (B, L)
+            pair_attention_mask=pairs.attention_mask,  # (B, L) bool
+            pair_labels=labels,  # (B,)
+            pair_eot_index=pairs.eot_index,  # (B,)
+        )
+    return out
