@@ -324,3 +324,23 @@ def _progressed(state: Path) -> bool:
         return json.loads(state.read_text())["next_index"] > 0
     except (OSError, ValueError, KeyError):
         return False
+
+
+def test_tar_writer_bytes_equal_tarfile(tmp_path):
+    from mmpretrain.data.prepare.writer import TAR_MTIME, TarSampleWriter
+
+    samples = [("000000001", {"jpg": b"x" * 1000, "txt": "café".encode(), "json": b"{}"}),
+               ("000000002", {"txt": b""}), ("000000003", {"cls": b"7" * 512})]
+    ours = io.BytesIO()
+    writer = TarSampleWriter(ours)
+    for key, members in samples:
+        writer.write(key, members)
+    writer.close()
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(members[ext]), TAR_MTIME, 0o444
+                tar.addfile(info, io.BytesIO(members[ext]))
+    assert ours.getvalue() == reference.getvalue()

@@ -53,12 +53,15 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
     if not data:
         raise SampleError("empty_file", "0 bytes")
     img = _open(data, opts.max_pixels)
-    original_size = _oriented_size(img)
+    orientation = _orientation(img)
+    w, h = img.size
+    original_size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # as a viewer shows it
     _check_filters(original_size, opts)  # before decoding: a filtered image costs only its header
     _draft(img, opts)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:  # exif_transpose copies the whole image even when there is nothing to do
+            img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _decode_failure(e) from None
     img = to_rgb(img)
@@ -116,14 +119,11 @@ def _draft(img: Image.Image, opts: ImageOptions) -> None:
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    """The source's size as a viewer shows it (EXIF orientations 5-8 swap the axes)."""
-    w, h = img.size
+def _orientation(img: Image.Image) -> int:
     try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block is ignored here as exif_transpose ignores it
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block is ignored, as exif_transpose ignores it
+        return 1
 
 
 def _check_filters(size: tuple[int, int], opts: ImageOptions) -> None:

@@ -228,9 +228,9 @@ class _Run:
         inputs = self._inputs()
         if self.opts.text_only:
             return map(process_text_input, inputs)
+        # Even one worker is a separate process: the main process reads, downloads and writes tars
+        # meanwhile (measured: tar writing is 7% of a 64 px sample when done in series).
         work = partial(process_image_input, opts=self.opts.image)
-        if self.opts.workers <= 1:
-            return map(work, self._download(inputs))
         return _pool_map(work, inputs, self.opts.workers, self._download)
 
     def _download(self, inputs: Iterable[Input]) -> Iterator[Input]:

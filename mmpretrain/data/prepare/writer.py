@@ -4,16 +4,15 @@ input stream got, so a re-run rebuilds only what was unfinished and ends byte-id
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # Fixed tar member mtime: the same samples give the same bytes on every run and machine.
 TAR_MTIME = 0
 TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -31,20 +30,50 @@ def tar_bytes(members: dict[str, bytes]) -> int:
 
 
 class TarSampleWriter:
-    """Sample members into a tar, in sorted extension order, as webdataset's TarWriter does.
-    Written here because `import webdataset` imports torch (measured 8 s, in every worker)."""
+    """Sample members into a POSIX ustar stream, in sorted extension order (webdataset's order).
+
+    Headers are built here rather than by `tarfile`: its per-member header code measured 7-8% of a
+    64 px sample's cost, and `import webdataset` (for its TarWriter) imports torch (8 s per worker).
+    The bytes equal what `tarfile` writes for the same members (tested)."""
 
     def __init__(self, fileobj):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self.fileobj, self.written = fileobj, 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(members[ext]), TAR_MTIME, 0o444
-            self._tar.addfile(info, io.BytesIO(members[ext]))
+            data = members[ext]
+            padding = -len(data) % TAR_BLOCK
+            self.fileobj.write(ustar_header(f"{key}.{ext}", len(data)))
+            self.fileobj.write(data)
+            self.fileobj.write(b"\0" * padding)
+            self.written += TAR_BLOCK + len(data) + padding
 
     def close(self) -> None:
-        self._tar.close()
+        """Two zero blocks end the archive; the file is padded to tar's 10 KiB record size."""
+        end = self.written + 2 * TAR_BLOCK
+        self.fileobj.write(b"\0" * (2 * TAR_BLOCK + -end % TAR_RECORD))
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    header = b"".join([
+        raw.ljust(100, b"\0"),
+        b"0000444\0",  # mode r--r--r--
+        b"0000000\0",  # uid
+        b"0000000\0",  # gid
+        b"%011o\0" % size,
+        b"%011o\0" % TAR_MTIME,
+        b" " * 8,  # checksum, computed over the header with this field as spaces
+        b"0",  # regular file
+        b"\0" * 100,  # link name
+        b"ustar\x0000",
+        b"\0" * 64,  # user and group names
+        b"\0" * 16,  # device major, minor: empty for regular files
+        b"\0" * 167,  # prefix and padding to 512
+    ])
+    return header[:148] + b"%06o\0" % sum(header) + header[155:]
 
 
 @dataclass
