@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmpretrain.data.plan import WorkerPlan, batches_per_rank, derive_seed, epoch_plan, worker_block
+from mmpretrain.data.plan import (
+    WorkerPlan,
+    batches_per_rank,
+    consumed_by_worker,
+    derive_seed,
+    epoch_plan,
+    worker_block,
+)
 from mmpretrain.data.shardlist import Shard, ShardSource
 from mmpretrain.data.tario import iter_tar_samples
 from mmpretrain.errors import UserError
@@ -77,7 +84,7 @@ class ShardStream(IterableDataset):
         # next batch belongs to worker c % W, so DataLoader worker i plays worker (i + c) % W.
         worker = ((info.id if info else 0) + pos.batches) % num_workers
         plan = self._plan(worker, num_workers)
-        done = max(0, min(plan.batches, _consumed(pos.batches, worker, num_workers)))
+        done = min(plan.batches, consumed_by_worker(pos.batches, worker, num_workers))
         raw = _RawStream(self._raw(plan, worker), self.decoder, pos.raw.get(worker, 0))
         for j in range(done, plan.batches):
             size = self._batch_size(plan, j)
@@ -140,10 +147,6 @@ class ShardStream(IterableDataset):
                     "check that the shards hold images and captions under the configured keys"
                 )
         return items
-
-
-def _consumed(batches: int, worker: int, num_workers: int) -> int:
-    return max(0, (batches - worker + num_workers - 1) // num_workers)
 
 
 def _mean_size(shards: list[Shard]) -> float:
