@@ -204,3 +204,13 @@ def test_text_only_loader(tmp_path):
     assert all(b["mlm_input_ids"].shape == (3, 16) and b["pair_labels"].shape == (3,) for b in batches)
     texts = [t for b in batches for t in b["texts"]]
     assert len(set(texts)) == 12 and set(texts) <= {f"sample number {i}" for i in range(13)}
+
+
+def test_pipe_urls_with_a_sizes_file(tmp_path):
+    pattern = write_shards(tmp_path, [5, 6])
+    cfg = StreamConfig(shards=(ShardSource(f"pipe:cat {pattern}", sizes=str(tmp_path / "sizes.json")),),
+                       batch_size=2, seed=0, drop_last=False)
+    loader = image_text_loader(cfg, tokenizer=TOKENIZER, transform=image_transforms(8, train=False), num_workers=0)
+    assert sorted(keys_of(list(loader))) == [f"{i:09d}" for i in range(11)]
+    with pytest.raises(UserError, match="no known sample count"):
+        make_loader(f"pipe:cat {pattern}")  # epoch mode cannot plan without counts
