@@ -505,3 +505,17 @@ def test_split_document_with_tiny_limits(max_chars):
     chunks = split_document(text, max_chars)
     assert all(0 < len(c) <= max_chars for c in chunks)
     assert "".join(chunks).replace(" ", "") == text.replace(" ", "")
+
+
+def test_clean_text_fast_path_equals_ftfy():
+    import random
+
+    import ftfy
+
+    from mmpretrain.data.prepare.captions import clean_text
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r", "&amp;", "é", "Ã©", "\u201c"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert clean_text(text) == " ".join(ftfy.fix_text(text).split()), text
