@@ -214,3 +214,12 @@ def test_pipe_urls_with_a_sizes_file(tmp_path):
     assert sorted(keys_of(list(loader))) == [f"{i:09d}" for i in range(11)]
     with pytest.raises(UserError, match="no known sample count"):
         make_loader(f"pipe:cat {pattern}")  # epoch mode cannot plan without counts
+
+
+def test_evaluation_gives_every_rank_the_same_count_even_with_empty_last_batches(tmp_path):
+    pattern = write_shards(tmp_path, [3])
+    ranks = [list(make_loader(pattern, batch_size=1, rank=r, world=2, workers=0, drop_last=False)) for r in range(2)]
+    assert [len(r) for r in ranks] == [2, 2]
+    assert sorted(keys_of(ranks[0] + ranks[1])) == ["000000000", "000000001", "000000002"]
+    empty = ranks[1][-1]
+    assert empty["keys"] == [] and empty["images"].shape == (0, 3, 8, 8) and empty["tokens"].shape == (0, 16)

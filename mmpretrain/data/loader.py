@@ -47,6 +47,8 @@ class ImageTextDecoder:
                  text_branch: TextBranch | None = None):
         self.transform, self.tokenizer, self.caption_key = transform, tokenizer, caption_key
         self.text_branch = text_branch
+        with torch.random.fork_rng(devices=[]):  # the output shape, for empty evaluation batches
+            self.image_shape = tuple(transform(Image.new("RGB", (32, 32))).shape)
 
     def reject(self, sample: dict) -> str | None:
         if not any(k in sample for k in IMAGE_KEYS):
@@ -77,7 +79,7 @@ class ImageTextDecoder:
         captions = [item["caption"] for item in items]
         tokens = self.tokenizer.encode(captions)
         batch = {
-            "images": torch.stack(images) if images else torch.empty(0),
+            "images": torch.stack(images) if images else torch.empty((0, *self.image_shape)),
             "tokens": tokens.ids,
             "eot_index": tokens.eot_index,
             "lengths": tokens.lengths,
