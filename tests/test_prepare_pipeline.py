@@ -344,3 +344,14 @@ def test_tar_writer_bytes_equal_tarfile(tmp_path):
                 info.size, info.mtime, info.mode = len(members[ext]), TAR_MTIME, 0o444
                 tar.addfile(info, io.BytesIO(members[ext]))
     assert ours.getvalue() == reference.getvalue()
+
+
+def test_format_that_contradicts_the_path_is_one_line_error(tmp_path, capsys):
+    make_folder(tmp_path / "src", 2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,caption\nsrc/part0/img0000.jpg,x\n")
+    for source, fmt in ((tmp_path / "src", "csv"), (manifest, "folder"), (manifest, "parquet")):
+        assert main(["prepare", str(source), "--format", fmt, "--out", str(tmp_path / "o"), *QUIET]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(source.name) in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -166,23 +166,26 @@ class _RawStream:
         self.reserve: list[dict] = []
         self.reserve_size, self._refills = reserve_size, 0
         while self.position < skip:
-            if self._next_raw() is None:  # a resume past the end: the rest were refills
+            if self._next_raw()[0] is None:  # a resume past the end: the rest were refills
                 self._refills += 1
                 self.position += 1
 
-    def _next_raw(self) -> dict | None:
+    def _next_raw(self) -> tuple[dict | None, str | None]:
+        """The next raw sample and why it is unusable (None: usable)."""
         sample = next(self.samples, None)
         if sample is None:
-            return None
+            return None, None
         self.position += 1
-        usable = self.decoder.reject(sample) is None
-        if usable and len(self.reserve) < self.reserve_size:
+        reason = self.decoder.reject(sample)
+        if reason is None and len(self.reserve) < self.reserve_size:
             self.reserve.append(sample)
-        return sample
+        return sample, reason
 
     def next_usable(self) -> dict | None:
-        while (sample := self._next_raw()) is not None:
-            reason = self.decoder.reject(sample)
+        while True:
+            sample, reason = self._next_raw()
+            if sample is None:
+                break
             if reason is None:
                 return sample
             self.skipped[reason] += 1

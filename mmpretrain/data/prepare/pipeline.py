@@ -100,6 +100,8 @@ def _plan(sources: list[str], opts: PrepareOptions, out: Path) -> dict:
     if not sources:
         raise UserError("prepare needs at least one SOURCE (a folder, manifest, tar pattern or text file)")
     kinds = [opts.format or detect_kind(s, opts.text_only) for s in sources]
+    for source, kind in zip(sources, kinds):
+        _check_kind(source, kind)
     if opts.text_only and opts.format not in (None, "text"):
         raise UserError(f"--text-only reads text sources; --format {opts.format} does not apply")
     resolved = []
@@ -115,6 +117,19 @@ def _plan(sources: list[str], opts: PrepareOptions, out: Path) -> dict:
         if next(stream, None) is None:
             raise UserError(f"source {source} holds no inputs (read as {kind}); check the path or --format")
     return plan
+
+
+def _check_kind(source: str, kind: str) -> None:
+    """A --format that contradicts what the path is (a folder read as CSV) is the user's to fix."""
+    path = Path(source)
+    if not path.exists():
+        if kind != "wds":
+            raise UserError(f"source {source} does not exist; check the path")
+        return
+    wants_folder = kind in ("folder", "classes")
+    if wants_folder != path.is_dir() and kind not in ("wds", "text"):
+        what = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"source {source} is {what}, which --format {kind} cannot read; drop --format or fix it")
 
 
 def _streams(plan: dict, opts: PrepareOptions) -> list[Iterator[Input]]:
