@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_run
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench bench-prepare bench-loader clean install
 
 install: $(STAMP)
 
@@ -30,8 +30,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: bench-prepare bench-loader
+
+bench-prepare: $(STAMP)
 	$(PY) pipelines/bench/prepare_throughput.py
+
+bench-loader: $(STAMP)
+	$(PY) pipelines/bench/loader_throughput.py
 
 clean:
 	rm -rf $(DEMO) shards/demo shards/demo-text
