@@ -88,7 +88,7 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict:
     """Returns the stats dict (also written to stats.json)."""
     out = Path(opts.out).resolve()
     plan = _plan(sources, opts, out)
-    fingerprint = opts.fingerprint([str(p) for p in plan["resolved"]])
+    fingerprint = plan["fingerprint"] = opts.fingerprint([str(p) for p in plan["resolved"]])
     if _already_complete(out, fingerprint, opts.overwrite):
         return json.loads((out / "stats.json").read_text())
     state = _start(out, fingerprint, opts.overwrite)
@@ -279,7 +279,7 @@ class _Run:
     def _checkpoint(self, next_index: int) -> None:
         self.failures.flush()
         state = {
-            "fingerprint": self.opts.fingerprint([str(p) for p in self.plan["resolved"]]),
+            "fingerprint": self.plan["fingerprint"],
             "next_index": next_index,
             "splits": {s: seq.to_state() for s, seq in self.splits.items()},
             "tally": self.tally.to_state(),
@@ -331,7 +331,7 @@ class _Run:
                 for s, seq in self.splits.items() if seq.sizes
             },
             "settings": _settings(self.opts),
-            "fingerprint": self.opts.fingerprint([str(p) for p in plan["resolved"]]),
+            "fingerprint": plan["fingerprint"],
         }
 
 
