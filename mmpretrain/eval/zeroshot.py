@@ -1,0 +1,152 @@
+"""Zero-shot classification from embeddings: class embeddings from prompt templates, then metrics.
+
+Per class, the prompt embeddings (one per template) are normalised, averaged and re-normalised
+(CLIP's prompt ensembling). An image is predicted as its best-scoring class; ties go to the lower
+class index, the same rule as retrieval (see retrieval.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmpretrain.eval.retrieval import (
+    EvalInputError,
+    check_embeddings,
+    check_indices,
+    positive_ranks,
+    top_k,
+)
+from mmpretrain.eval.templates import DEFAULT_TEMPLATES
+
+EncodeText = Callable[[list[str]], Tensor]  # texts -> (len(texts), d) embeddings
+
+
+def _check_templates(templates: Sequence[str], where: str = "templates") -> None:
+    if not templates:
+        raise EvalInputError(f"zeroshot: {where} is empty; give at least one prompt template with {{}}")
+    for i, template in enumerate(templates):
+        if "{}" not in template:
+            raise EvalInputError(f"zeroshot: {where} entry {i} {template!r} has no {{}} for the class name")
+
+
+def class_embeddings(encode_text: EncodeText, classnames: Sequence[str],
+                     templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 256) -> Tensor:
+    """(C, d) unit-norm class embeddings: the mean of each class's normalised prompt embeddings.
+
+    Prompts are ``template.replace("{}", name)`` for every class and template, encoded in batches of
+    `batch_size` with `encode_text` (no gradient).
+    """
+    if not classnames:
+        raise EvalInputError("zeroshot: no class names; give at least one")
+    _check_templates(templates)
+    prompts = [t.replace("{}", name) for name in classnames for t in templates]  # class-major
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            emb = encode_text(batch)
+            if not isinstance(emb, Tensor) or emb.dim() != 2 or len(emb) != len(batch):
+                shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+                raise ValueError(f"encode_text returned {shape} for {len(batch)} texts; expected (n, d)")
+            parts.append(F.normalize(emb.to(torch.promote_types(emb.dtype, torch.float32)), dim=-1))
+    per_prompt = torch.cat(parts).view(len(classnames), len(templates), -1)  # (C, T, d)
+    return F.normalize(per_prompt.mean(1), dim=-1)  # (C, d)
+
+
+def classification_metrics(image_emb: Tensor, class_emb: Tensor, labels, *, chunk_size: int = 1024,
+                           num_confusions: int = 10) -> dict:
+    """Top-1/top-5 accuracy, mean per-class recall and the most frequent confusions.
+
+    image_emb (N, d), class_emb (C, d), labels (N,) ints in [0, C). Keys: ``acc1``, ``acc5`` (only when
+    C >= 5), ``mean_per_class_recall`` (mean over classes that have samples, as CLIP_benchmark),
+    ``per_class_recall`` (C floats, None for a class without samples), ``per_class_count``,
+    ``confusions`` (up to `num_confusions` dicts ``{true, predicted, count}``, most frequent first),
+    ``num_samples``, ``num_classes``.
+    """
+    image_emb, class_emb = check_embeddings("zeroshot", "image_emb", image_emb, "class_emb", class_emb)
+    n, num_classes = len(image_emb), len(class_emb)
+    labels = check_indices("zeroshot", "labels", labels, n, "image_emb", num_classes, "classes")
+    samples = torch.arange(n)
+    ranks = positive_ranks(image_emb, class_emb, samples, labels, chunk_size=chunk_size)  # (N,)
+    predicted = top_k(image_emb, class_emb, 1, chunk_size=chunk_size)[:, 0]  # (N,)
+    count = torch.bincount(labels, minlength=num_classes)
+    correct = torch.bincount(labels[predicted == labels], minlength=num_classes)
+    present = count > 0
+    recall = correct.double() / count.clamp(min=1)
+    out = {"acc1": (ranks <= 1).double().mean().item()}
+    if num_classes >= 5:
+        out["acc5"] = (ranks <= 5).double().mean().item()
+    out.update(
+        mean_per_class_recall=recall[present].mean().item(),
+        per_class_recall=[r if p else None for r, p in zip(recall.tolist(), present.tolist())],
+        per_class_count=count.tolist(),
+        confusions=_top_confusions(labels, predicted, num_classes, num_confusions),
+        num_samples=n,
+        num_classes=num_classes,
+    )
+    return out
+
+
+def _top_confusions(labels: Tensor, predicted: Tensor, num_classes: int, limit: int) -> list[dict]:
+    """Most frequent (true -> predicted) mistakes; equal counts in (true, predicted) order."""
+    wrong = labels != predicted
+    # One code per pair, counted with unique: a C x C confusion matrix would not fit for C ~ 20k classes.
+    pairs, counts = torch.unique(labels[wrong] * num_classes + predicted[wrong], return_counts=True)
+    order = torch.argsort(-counts, stable=True)[:limit]  # unique sorts pairs, stable keeps that order on ties
+    return [{"true": int(p) // num_classes, "predicted": int(p) % num_classes, "count": int(c)}
+            for p, c in zip(pairs[order].tolist(), counts[order].tolist())]
+
+
+# -- files -----------------------------------------------------------------------------------------
+def _read_lines(path: str | Path, what: str) -> list[str]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalInputError(f"{what} file {path} not found") from None
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"{what} file {path} is not UTF-8 text (byte {e.start}); "
+                             f"save it as UTF-8") from None
+    except OSError as e:
+        raise EvalInputError(f"{what} file {path} cannot be read: {e.strerror}") from None
+    return [line.strip() for line in text.splitlines()]
+
+
+def load_classnames(path: str | Path) -> list[str]:
+    """Class names, one per line in label order (line 1 = label 0); trailing blank lines ignored."""
+    lines = _read_lines(path, "class-name")
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise EvalInputError(f"class-name file {path} is empty; write one class name per line, label 0 first")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(lines, 1):
+        if not name:
+            raise EvalInputError(f"class-name file {path}: line {number} is blank; labels are line numbers, "
+                                 f"so every line up to the last must name a class")
+        if name in seen:
+            raise EvalInputError(f"class-name file {path}: {name!r} on line {number} repeats line "
+                                 f"{seen[name]}; class names must be unique")
+        seen[name] = number
+    return lines
+
+
+def load_templates(path: str | Path) -> list[str]:
+    """Prompt templates, one per line, each with ``{}`` for the class name; blank lines skipped."""
+    templates = []
+    for number, line in enumerate(_read_lines(path, "template"), 1):
+        if not line:
+            continue
+        if "{}" not in line:
+            raise EvalInputError(f"template file {path}: line {number} {line!r} has no {{}} "
+                                 f"for the class name")
+        templates.append(line)
+    if not templates:
+        raise EvalInputError(f"template file {path} has no templates; "
+                             f"write one per line, e.g. 'a photo of a {{}}.'")
+    return templates
