@@ -1,0 +1,10 @@
+"""Losses: pure functions returning a dict of named scalars ("loss" differentiable, the rest detached
+metrics). Distributed runs need nothing from the caller: features are gathered with gradient and
+token counts summed over ranks inside each loss."""
+
+from mmpretrain.losses.contrastive import clip_loss
+from mmpretrain.losses.distributed import all_gather_with_grad, rank_and_world
+from mmpretrain.losses.siglip import siglip_loss
+from mmpretrain.losses.text import token_loss
+
+__all__ = ["all_gather_with_grad", "clip_loss", "rank_and_world", "siglip_loss", "token_loss"]

@@ -1,0 +1,114 @@
+"""Token cross-entropy (MLM, AR) through the tied embedding, chunked over predicted positions.
+
+A 49k vocabulary times a few thousand predicted tokens is hundreds of MB of float32 logits, and
+autograd would keep both the logits and their softmax. Here each chunk's logits exist only inside
+the forward loop, which also computes that chunk's gradient (softmax − one-hot) and keeps only the
+(N, D), (V, D) and (V,) gradients for backward: peak O(chunk·V + N·D + V·D).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmpretrain.losses.contrastive import compute_dtype
+from mmpretrain.losses.distributed import all_reduce_sum, rank_and_world
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default
+
+
+class _ChunkedTokenCE(torch.autograd.Function):
+    """(summed CE, number correct) of hidden (N, D) against labels (N,) over hidden·weightᵀ + bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, want_grad: bool):
+        dtype = torch.promote_types(compute_dtype(hidden), weight.dtype)
+        w = weight.to(dtype)  # (V, D)
+        b = bias.to(dtype) if bias is not None else None
+        need_h, need_w, need_b = (want_grad and need for need in ctx.needs_input_grad[:3])
+        g_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        g_w = torch.zeros_like(w) if need_w else None
+        g_b = torch.zeros_like(b) if need_b else None
+        total, correct = w.new_zeros(()), torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].to(dtype)  # (c, D)
+            y = labels[start : start + chunk_size]  # (c,)
+            logits = h @ w.T if b is None else torch.addmm(b, h, w.T)  # (c, V)
+            lse = torch.logsumexp(logits, 1)  # (c,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(1) == y).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d(CE summed over the chunk)/d logits = softmax − one-hot, built in the logits' memory.
+            g_logits = logits.sub_(lse[:, None]).exp_()
+            g_logits[torch.arange(len(y), device=y.device), y] -= 1
+            if need_h:
+                g_h[start : start + chunk_size] = g_logits @ w
+            if need_w:
+                g_w.addmm_(g_logits.T, h)
+            if need_b:
+                g_b += g_logits.sum(0)
+        ctx.grads = (g_h, g_w, g_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_correct):
+        grads = [None if g is None else (g * grad_total).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
+        return (*grads, None, None, None)
+
+
+def token_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 2048,
+    num_tokens: int | Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Cross-entropy of predicted tokens over logits hidden · weightᵀ + bias, normalised globally.
+
+    hidden (..., D); labels (...) long, IGNORE_INDEX (-100) where nothing is predicted; weight
+    (V, D) the tied token-embedding matrix; bias (V,) optional. Only predicted positions are
+    decoded, `chunk_size` of them at a time. Values and gradients equal the unchunked
+    `F.cross_entropy(..., reduction="sum") / N_global`, times the world size (below).
+
+    N_global is `num_tokens` when given (the trainer's global count of predicted tokens over an
+    accumulation window, all ranks), else the sum over ranks of this call's count. Rank r
+    returns W · sum_r / N_global: DDP averages gradients over the W ranks, so the average is
+    Σ_r ∇sum_r / N_global, the gradient of the global token mean, and the mean over ranks of the
+    returned loss is that mean; a rank's own token mean would overweight ranks with few tokens
+    (HF Trainer scales by the world size the same way). With no predicted token anywhere the
+    loss is a graph-connected 0 (every input still gets a zero gradient, so DDP sees them used).
+
+    Returns {"loss", "accuracy", "tokens"}: accuracy is correct / predicted over this call's
+    tokens on all ranks (0 when there are none), tokens is N_global; both detached and identical
+    on all ranks.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"token_loss: hidden {tuple(hidden.shape)} must be labels {tuple(labels.shape)} + (dim,)")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"token_loss: weight must be (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"token_loss: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"token_loss: chunk_size must be >= 1, got {chunk_size}")
+    keep = labels != IGNORE_INDEX
+    y = labels[keep]  # (N,) boolean indexing syncs with the device anyway, so checking costs little
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
+        raise ValueError(f"token_loss: labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}, "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
+    h = hidden[keep]  # (N, D): only the predicted positions are decoded
+    total, correct = _ChunkedTokenCE.apply(h, weight, bias, y, chunk_size, torch.is_grad_enabled())
+    # Integer counts: float32 stops counting exactly at 2**24 tokens.
+    count, correct = all_reduce_sum(torch.stack([correct.new_tensor(y.numel()), correct])).to(total.dtype)
+    n_global = count if num_tokens is None else torch.as_tensor(num_tokens, device=total.device).to(total.dtype)
+    _, world = rank_and_world()
+    return {
+        "loss": total * world / n_global.clamp(min=1),
+        "accuracy": correct / count.clamp(min=1),
+        "tokens": n_global.detach(),
+    }

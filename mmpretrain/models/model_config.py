@@ -1,0 +1,148 @@
+"""Architecture files: open_clip's model-config schema (embed_dim, vision_cfg, text_cfg), validated.
+
+A model is named by a JSON file path, by a file in `configs/models/` (`tiny`, `ViT-B-32`, ...), or by
+one of open_clip's built-in names (`ViT-L-14`, `convnext_base`, ...). Our text trunk needs three
+things open_clip's own configs do not say, so built-in configs are adapted (and the change logged):
+the vocabulary holds `<mask>` and `<sep>` (49410 rows), and text is pooled at the end-of-text token
+("eos" pooling with id 49407), which is what open_clip computes too when it loads an exported model.
+Files we ship already say so; a user file that does not is an error rather than a silent rewrite.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mmpretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Fixed by mmpretrain.data.tokenizer (it asserts them): CLIP BPE 49408 + <mask> + <sep>.
+TEXT_VOCAB_SIZE = 49410
+EOT_ID = 49407
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+# Top-level keys of open_clip's schema that build a CLIP with open_clip's own text transformer.
+_TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+              "nonscalar_logit_scale", "custom_text"}
+
+
+def shipped_configs() -> list[str]:
+    """Names of the architecture files in configs/models/."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_model_config(name_or_path: str) -> dict[str, Any]:
+    """The validated config dict for a file path, a shipped name, or an open_clip built-in name."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UserError(f"model config {name_or_path}: no such file (give a .json path or one of "
+                            f"{', '.join(shipped_configs())})")
+        return validate_model_config(_read_json(path), str(path))
+    shipped = CONFIG_DIR / f"{name_or_path}.json"
+    if shipped.is_file():
+        return validate_model_config(_read_json(shipped), str(shipped))
+    from open_clip.factory import get_model_config  # only here: importing open_clip takes ~25 s
+
+    builtin = get_model_config(name_or_path)
+    if builtin is None:
+        raise UserError(f"model config {name_or_path!r}: not a file, not in {CONFIG_DIR} "
+                        f"({', '.join(shipped_configs())}) and not an open_clip model name")
+    return validate_model_config(adapt_open_clip_config(builtin), f"open_clip:{name_or_path}")
+
+
+def adapt_open_clip_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An open_clip built-in config with our vocabulary size and end-of-text pooling."""
+    cfg = copy.deepcopy(cfg)
+    text = cfg.setdefault("text_cfg", {})
+    changed = {k: v for k, v in (("vocab_size", TEXT_VOCAB_SIZE), ("pool_type", "eos"), ("eos_id", EOT_ID))
+               if text.get(k) != v}
+    text.update(changed)
+    if changed:
+        log.info("adapted open_clip config for mmpretrain's tokenizer: text_cfg %s", changed)
+    return cfg
+
+
+def validate_model_config(cfg: Any, source: str) -> dict[str, Any]:
+    """Check keys and types against open_clip's dataclasses; every error names the dotted key."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    if not isinstance(cfg, dict):
+        raise UserError(f"model config {source}: expected a JSON object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - _TOP_LEVEL)
+    if unknown:
+        raise UserError(f"model config {source}: unknown key {unknown[0]!r} (mmpretrain builds open_clip's "
+                        f"CLIP: {', '.join(sorted(_TOP_LEVEL))})")
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise UserError(f"model config {source}: missing {key!r}")
+    if not isinstance(cfg["embed_dim"], int) or cfg["embed_dim"] <= 0:
+        raise UserError(f"model config {source}: embed_dim must be a positive integer, got {cfg['embed_dim']!r}")
+    _check_fields(cfg["vision_cfg"], CLIPVisionCfg, f"{source}: vision_cfg")
+    _check_fields(cfg["text_cfg"], CLIPTextCfg, f"{source}: text_cfg")
+    _check_text(cfg["text_cfg"], source)
+    return copy.deepcopy(cfg)
+
+
+def _check_fields(section: Any, schema: type, where: str) -> None:
+    if not isinstance(section, dict):
+        raise UserError(f"model config {where}: expected an object, got {type(section).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in section.items():
+        if key not in fields:
+            raise UserError(f"model config {where}.{key}: unknown key (open_clip's {schema.__name__} has "
+                            f"{', '.join(sorted(fields))})")
+        if key in ("layers", "image_size"):  # an int, or a list ([h, w] images, ResNet stage depths)
+            items = value if isinstance(value, list) and value else [value]
+            if not all(_has_type(v, int) for v in items):
+                raise UserError(f"model config {where}.{key} = {value!r}: expected an integer or a list of integers")
+            continue
+        expected = _expected_type(fields[key].default)
+        if expected is not None and value is not None and not _has_type(value, expected):  # null = unset
+            raise UserError(f"model config {where}.{key} = {value!r}: expected {expected.__name__}")
+
+
+def _expected_type(default: Any) -> type | None:
+    if default is None or default is dataclasses.MISSING:
+        return None
+    return type(default) if isinstance(default, (bool, int, float, str)) else None
+
+
+def _has_type(value: Any, expected: type) -> bool:
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _check_text(text: dict[str, Any], source: str) -> None:
+    def bad(key: str, why: str):
+        raise UserError(f"model config {source}: text_cfg.{key} = {text.get(key)!r}: {why}")
+
+    if text.get("hf_model_name"):
+        bad("hf_model_name", "the text trunk is open_clip's TextTransformer; Hugging Face text towers are not supported")
+    if text.get("embed_cls"):
+        bad("embed_cls", "the text trunk pools at end-of-text; a CLS embedding is not supported")
+    if text.get("no_causal_mask"):
+        bad("no_causal_mask", "the trunk picks causal or bidirectional attention per branch; remove this key")
+    if text.get("vocab_size", 49408) != TEXT_VOCAB_SIZE:
+        bad("vocab_size", f"must be {TEXT_VOCAB_SIZE} (CLIP BPE + <mask> + <sep>)")
+    if text.get("pool_type", "argmax") != "eos" or text.get("eos_id", 2) != EOT_ID:
+        bad("pool_type", f'set "pool_type": "eos" and "eos_id": {EOT_ID} (argmax pooling breaks once '
+                         f"<mask>/<sep> ids appear)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"model config {path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model config {path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None

@@ -1,0 +1,115 @@
+"""Load open_clip weights from a local file into the dual tower.
+
+Accepts what people have on disk: open_clip release files (`open_clip_model.safetensors`,
+`open_clip_pytorch_model.bin`), open_clip_train checkpoints (`{"state_dict": ...}` with `module.`
+prefixes), `torch.compile`d models (`_orig_mod.`), and our own checkpoints (`tower.` prefix; heads are
+ignored here). Differences that have one right answer are fixed and reported: a 49408-row token
+embedding gains rows for `<mask>`/`<sep>` (initialised to the mean embedding, which keeps the new
+tokens' logits ordinary under the tied decoders), positional embeddings are resized to the model's
+image grid / context length. Anything else is a mismatch listed in a one-line error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mmpretrain.errors import UserError
+
+_PREFIXES = ("module.", "_orig_mod.", "tower.")
+_SHOW = 6  # keys listed per kind of mismatch in the error line
+
+
+@dataclass
+class LoadReport:
+    path: str
+    extended_vocab: tuple[int, int] | None = None
+    """(rows in the file, rows in the model) when the token embedding was extended."""
+    kept_from_model: list[str] = field(default_factory=list)
+    """Model parameters the file does not have and that keep their initial value (logit_bias)."""
+    ignored: list[str] = field(default_factory=list)
+    """Keys of the file that belong to heads, not to the tower."""
+
+
+def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
+    """Load `path` into `tower` (open_clip CLIP) in place; raises UserError on any real mismatch."""
+    from open_clip.factory import load_state_dict  # imported here: open_clip takes ~25 s to import
+    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights {path}: no such file")
+    try:
+        state = load_state_dict(str(path))
+    except Exception as exc:  # torch/safetensors raise many types for corrupt or foreign files
+        raise UserError(f"weights {path}: cannot read ({type(exc).__name__}: {exc})") from None
+    report = LoadReport(str(path))
+    state = _strip_prefixes(state, report)
+    model_state = tower.state_dict()
+    _extend_vocab(state, model_state, report)
+    if "logit_bias" in model_state and "logit_bias" not in state:
+        state["logit_bias"] = model_state["logit_bias"]  # CLIP weights into a SigLIP run: keep its init
+        report.kept_from_model.append("logit_bias")
+    # open_clip's resizers assert on a width change; that is a mismatch for _check_match to report.
+    if _same_width(state, model_state, "visual.positional_embedding"):
+        resize_pos_embed(state, tower)
+    if _same_width(state, model_state, "positional_embedding"):
+        resize_text_pos_embed(state, tower)
+    _check_match(state, model_state, path)
+    tower.load_state_dict(state, strict=True)
+    return report
+
+
+def _same_width(state: dict[str, Tensor], model_state: dict[str, Tensor], key: str) -> bool:
+    return key in state and key in model_state and state[key].shape[-1] == model_state[key].shape[-1]
+
+
+def _strip_prefixes(state: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.split(".", 1)[0] in ("mlm_head", "ar_head", "pair_head"):
+            report.ignored.append(key)
+            continue
+        out[key] = value
+    return out
+
+
+def _extend_vocab(state: dict[str, Tensor], model_state: dict[str, Tensor], report: LoadReport) -> None:
+    key = "token_embedding.weight"
+    if key not in state or key not in model_state:
+        return
+    have, want = state[key].shape[0], model_state[key].shape[0]
+    if have >= want or state[key].shape[1:] != model_state[key].shape[1:]:
+        return  # equal, or a mismatch _check_match reports
+    old = state[key]  # (V_file, D)
+    extra = old.float().mean(dim=0, keepdim=True).to(old.dtype).expand(want - have, -1)  # (V_new, D)
+    state[key] = torch.cat([old, extra], dim=0)  # (V, D)
+    report.extended_vocab = (have, want)
+
+
+def _check_match(state: dict[str, Tensor], model_state: dict[str, Tensor], path: Path) -> None:
+    missing = sorted(set(model_state) - set(state))
+    unexpected = sorted(set(state) - set(model_state))
+    shapes = sorted(k for k in set(state) & set(model_state) if state[k].shape != model_state[k].shape)
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} ({_listing(missing)})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} ({_listing(unexpected)})")
+    if shapes:
+        shown = [f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}" for k in shapes[:_SHOW]]
+        parts.append(f"shape mismatch {len(shapes)} ({', '.join(shown)}{', ...' if len(shapes) > _SHOW else ''})")
+    raise UserError(f"weights {path} do not fit this model config: {'; '.join(parts)}; "
+                    f"use the model config the weights were trained with")
+
+
+def _listing(keys: list[str]) -> str:
+    return ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
