@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_run
 
-.PHONY: demo test lint bench bench-prepare bench-loader clean install
+.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval clean install
 
 install: $(STAMP)
 
@@ -30,13 +30,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: bench-prepare bench-loader
+bench: bench-prepare bench-loader bench-contrastive bench-retrieval
 
 bench-prepare: $(STAMP)
 	$(PY) pipelines/bench/prepare_throughput.py
 
 bench-loader: $(STAMP)
 	$(PY) pipelines/bench/loader_throughput.py
+
+bench-contrastive: $(STAMP)
+	$(PY) pipelines/bench/contrastive_memory.py
+
+bench-retrieval: $(STAMP)
+	$(PY) pipelines/bench/retrieval_eval.py
 
 clean:
 	rm -rf $(DEMO) shards/demo shards/demo-text
