@@ -268,7 +268,7 @@ def test_clamp_logit_scale():
     with torch.no_grad():
         model.tower.logit_scale.fill_(7.0)
     model.clamp_logit_scale_()
-    assert float(model.tower.logit_scale.exp()) == pytest.approx(100.0)
+    assert model.tower.logit_scale.exp().item() == pytest.approx(100.0)
 
 
 def test_model_config_errors_name_the_key(tmp_path):

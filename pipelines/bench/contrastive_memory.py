@@ -152,7 +152,8 @@ def _cell(result: dict, key: str) -> str:
     if value is None:
         return "-"
     text = _gb(value) if key == "peak_bytes" else f"{value:.2f} s"
-    return text + (f" [{result['source']}]" if result.get("source") != "measured" else "")
+    note = result.get("notes", {}).get(key)  # how a value that was not measured was obtained
+    return text + (f" [{note}]" if note else "")
 
 
 def _collect(sizes: list[int], dim: int, tile: int, repeat: int, headroom: float) -> dict:
@@ -173,7 +174,8 @@ def _collect(sizes: list[int], dim: int, tile: int, repeat: int, headroom: float
                   f"{_gb(available)}; not run. Its memory is the exact count of live tensor bytes "
                   f"[counted]; its time is scaled as B² from B={last_measured[0] if last_measured else '?'} "
                   f"[B² extrapolated].", flush=True)
-            clip.update(peak_bytes=counted, source="counted")
+            clip.update(peak_bytes=counted, source="counted",
+                        notes={"peak_bytes": "counted", "seconds": "B² extrapolated"})
             if last_measured:
                 clip["seconds"] = last_measured[1] * (batch / last_measured[0]) ** 2
         tiled = _run_worker(["measure", "tiled", str(batch), str(dim), str(tile), str(reps)])
