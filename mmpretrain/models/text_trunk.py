@@ -23,7 +23,7 @@ def text_hidden(tower: nn.Module, ids: Tensor, *, causal: bool, attention_mask: 
     `attention_mask` (B, L) bool marks real tokens; bidirectional mode requires it. `extra_embedding`
     (B, L, width) is added to the token embeddings (sentence-pair segment embeddings).
     """
-    batch, length = ids.shape
+    length = ids.shape[1]
     if length > tower.positional_embedding.shape[0]:
         raise ValueError(f"text of {length} tokens exceeds the model's context_length "
                          f"{tower.positional_embedding.shape[0]}; tokenize with that context length")
