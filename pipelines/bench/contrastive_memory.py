@@ -198,7 +198,7 @@ def _report(results: dict, dim: int, tile: int) -> bool:
         mem_ratio = tiled["peak_bytes"] / clip["peak_bytes"]
         time_ratio = tiled["seconds"] / clip["seconds"] if clip.get("seconds") else float("nan")
         rows.append((str(batch), _cell(clip, "peak_bytes"), _gb(clip["counted"]), _gb(tiled["peak_bytes"]),
-                     _gb(tiled["counted"]), f"1/{1 / mem_ratio:.0f}", _cell(clip, "seconds"),
+                     _gb(tiled["counted"]), f"1/{1 / mem_ratio:.0f}" if mem_ratio < 0.5 else f"{mem_ratio:.2f}", _cell(clip, "seconds"),
                      _cell(tiled, "seconds"), f"{time_ratio:.2f}"))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
