@@ -301,3 +301,11 @@ def test_open_clip_builtin_names_are_adapted_to_our_tokenizer():
     cfg = load_model_config("RN50")
     assert cfg["text_cfg"]["vocab_size"] == 49410 and cfg["text_cfg"]["pool_type"] == "eos"
     assert cfg["text_cfg"]["eos_id"] == 49407 and cfg["vision_cfg"]["layers"] == [3, 4, 6, 3]
+
+
+def test_sentence_pair_head_without_pair_inputs_is_an_error():
+    model = _model(sentence_pair=True)
+    tokenizer = Tokenizer(context_length=32)
+    text = text_batch(TEXTS, tokenizer, MaskingConfig(), torch.Generator().manual_seed(0))  # no pair_objective
+    with pytest.raises(ValueError, match="sentence-pair head needs pair inputs"):
+        model(text=text)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmpretrain.data.masking import IGNORE_INDEX
 from mmpretrain.losses.contrastive import compute_dtype
 from mmpretrain.losses.distributed import all_reduce_sum, rank_and_world
-
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default
 
 
 class _ChunkedTokenCE(torch.autograd.Function):

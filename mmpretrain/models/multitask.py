@@ -58,7 +58,10 @@ class MultitaskModel(nn.Module):
         if self.ar_head is not None:
             hidden = text_hidden(self.tower, text["ar_input_ids"], causal=True)  # (B, L, D)
             out.update(ar_hidden=self.ar_head(hidden), ar_labels=text["ar_labels"], decoder_weight=embedding)
-        if self.pair_head is not None and "pair_input_ids" in text:
+        if self.pair_head is not None:
+            if "pair_input_ids" not in text:  # a head without input would get no gradient (and stall DDP)
+                raise ValueError("the sentence-pair head needs pair inputs: build text batches with "
+                                 "pair_objective='nsp' or 'sop', or build the model with sentence_pair=False")
             segments = self.pair_head.segment_embedding(text["pair_segment_ids"])  # (B, L, D)
             hidden = text_hidden(self.tower, text["pair_input_ids"], causal=False,
                                  attention_mask=text["pair_attention_mask"], extra_embedding=segments)
