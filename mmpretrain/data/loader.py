@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmpretrain.data.masking import MaskingConfig
+from mmpretrain.data.plan import derive_seed
 from mmpretrain.data.shardlist import resolve
 from mmpretrain.data.stream import Position, ShardStream, StreamConfig
 from mmpretrain.data.tario import iter_tar_samples
@@ -44,16 +45,16 @@ class ImageTextDecoder:
     the batch's seed, so augmentation replays exactly after a resume."""
 
     def __init__(self, transform: Callable, tokenizer: Tokenizer, caption_key: str = "txt",
-                 text_branch: TextBranch | None = None):
+                 text_branch: TextBranch | None = None, require_caption: bool = True):
         self.transform, self.tokenizer, self.caption_key = transform, tokenizer, caption_key
-        self.text_branch = text_branch
+        self.text_branch, self.require_caption = text_branch, require_caption
         with torch.random.fork_rng(devices=[]):  # the output shape, for empty evaluation batches
             self.image_shape = tuple(transform(Image.new("RGB", (32, 32))).shape)
 
     def reject(self, sample: dict) -> str | None:
         if not any(k in sample for k in IMAGE_KEYS):
             return "missing_image"
-        return _caption_problem(sample.get(self.caption_key))
+        return _caption_problem(sample.get(self.caption_key)) if self.require_caption else None
 
     def decode(self, sample: dict, skipped: Counter):
         ext = next(k for k in IMAGE_KEYS if k in sample)
@@ -64,12 +65,17 @@ class ImageTextDecoder:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             skipped["decode_error"] += 1
             return None
+        meta = _metadata(sample)
+        # Without require_caption (zero-shot on labelled images) a sample may have no usable caption.
+        caption = "" if _caption_problem(sample.get(self.caption_key)) else sample[self.caption_key].decode().strip()
         return {
             "image": image,
-            "caption": sample[self.caption_key].decode("utf-8").strip(),
+            "caption": caption,
+            "all_captions": _all_captions(meta, caption),
             "key": sample["__key__"],
             "label": _label(sample),
-            "hash": _image_hash(sample, ext),
+            "hash": _image_hash(sample, ext, meta),
+            "source": (sample["__url__"], sample["__index__"]),
         }
 
     def collate(self, items: list[dict], seed: int) -> dict:
@@ -87,6 +93,8 @@ class ImageTextDecoder:
             "keys": [item["key"] for item in items],
             "image_hashes": [item["hash"] for item in items],
             "captions": captions,
+            "all_captions": [item["all_captions"] for item in items],
+            "sources": [item["source"] for item in items],  # (shard url, index in the shard)
         }
         if self.text_branch is not None:  # no text shards: the text branch learns from the captions
             generator = torch.Generator().manual_seed(seed)
@@ -96,22 +104,36 @@ class ImageTextDecoder:
 
 
 class TextDecoder:
-    """Text-only shards -> MLM/AR (and optional sentence-pair) batches."""
+    """Text-only shards -> MLM/AR (and optional sentence-pair) batches.
 
-    def __init__(self, tokenizer: Tokenizer, text_branch: TextBranch, text_key: str = "txt"):
+    With `sample_seed` (evaluation) each text is masked with a generator seeded by (sample_seed, its
+    key), so the masks do not depend on batch composition or on the number of processes."""
+
+    def __init__(self, tokenizer: Tokenizer, text_branch: TextBranch, text_key: str = "txt",
+                 sample_seed: int | None = None):
         self.tokenizer, self.text_branch, self.text_key = tokenizer, text_branch, text_key
+        self.sample_seed = sample_seed
 
     def reject(self, sample: dict) -> str | None:
         return _caption_problem(sample.get(self.text_key))
 
     def decode(self, sample: dict, skipped: Counter):
-        return sample[self.text_key].decode("utf-8").strip()
+        return sample["__key__"], sample[self.text_key].decode("utf-8").strip()
 
-    def collate(self, items: list[str], seed: int) -> dict:
-        generator = torch.Generator().manual_seed(seed)
-        batch = text_batch(items, self.tokenizer, self.text_branch.masking, generator,
-                           self.text_branch.pair_objective)
-        batch["texts"] = items
+    def collate(self, items: list[tuple[str, str]], seed: int) -> dict:
+        texts = [text for _, text in items]
+        branch = self.text_branch
+        if self.sample_seed is None:
+            generator = torch.Generator().manual_seed(seed)
+            batch = text_batch(texts, self.tokenizer, branch.masking, generator, branch.pair_objective)
+        else:
+            rows = [text_batch([text], self.tokenizer, branch.masking,
+                               torch.Generator().manual_seed(derive_seed(self.sample_seed, "mask", key)),
+                               branch.pair_objective) for key, text in items]
+            empty = text_batch([], self.tokenizer, branch.masking, torch.Generator(), None)
+            batch = {k: torch.cat([r[k] for r in rows]) if rows else v for k, v in empty.items()}
+        batch["texts"] = texts
+        batch["keys"] = [key for key, _ in items]
         return batch
 
 
@@ -171,17 +193,19 @@ class Loader:
 
 def image_text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, transform: Callable, rank: int = 0,
                       world: int = 1, num_workers: int = 2, caption_key: str = "txt",
-                      text_branch: TextBranch | None = None, pin_memory: bool = False) -> Loader:
+                      text_branch: TextBranch | None = None, pin_memory: bool = False,
+                      require_caption: bool = True) -> Loader:
     shards = resolve(list(cfg.shards), need_sizes=cfg.mode == "epoch" or not cfg.samples_per_epoch)
-    decoder = ImageTextDecoder(transform, tokenizer, caption_key, text_branch)
+    decoder = ImageTextDecoder(transform, tokenizer, caption_key, text_branch, require_caption)
     _check_first_shard(shards[0].url, decoder)
     return _loader(cfg, shards, decoder, rank, world, num_workers, pin_memory)
 
 
 def text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, text_branch: TextBranch, rank: int = 0,
-                world: int = 1, num_workers: int = 2, text_key: str = "txt") -> Loader:
+                world: int = 1, num_workers: int = 2, text_key: str = "txt",
+                sample_seed: int | None = None) -> Loader:
     shards = resolve(list(cfg.shards), need_sizes=cfg.mode == "epoch" or not cfg.samples_per_epoch)
-    decoder = TextDecoder(tokenizer, text_branch, text_key)
+    decoder = TextDecoder(tokenizer, text_branch, text_key, sample_seed)
     _check_first_shard(shards[0].url, decoder)
     return _loader(cfg, shards, decoder, rank, world, num_workers, False)
 
@@ -232,13 +256,27 @@ def _label(sample: dict) -> int:
         return -1
 
 
-def _image_hash(sample: dict, ext: str) -> str:
+def _metadata(sample: dict) -> dict:
+    """The sample's `.json` as a dict ({} when absent or unreadable: metadata is optional)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _all_captions(meta: dict, caption: str) -> list[str]:
+    """Every caption of the image: the `.json`'s "captions" list when it holds strings (COCO/Flickr
+    style evaluation sets), else the one `.txt` caption."""
+    listed = meta.get("captions")
+    if isinstance(listed, list):
+        captions = [c.strip() for c in listed if isinstance(c, str) and c.strip()]
+        if captions:
+            return captions
+    return [caption]
+
+
+def _image_hash(sample: dict, ext: str, meta: dict) -> str:
     """The sha256 that `prepare` recorded, else the hash of the image bytes (same definition)."""
-    if "json" in sample:
-        try:
-            digest = json.loads(sample["json"]).get("sha256")
-            if isinstance(digest, str):
-                return digest
-        except (ValueError, AttributeError):
-            pass
-    return hashlib.sha256(sample[ext]).hexdigest()
+    digest = meta.get("sha256")
+    return digest if isinstance(digest, str) else hashlib.sha256(sample[ext]).hexdigest()

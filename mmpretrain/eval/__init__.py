@@ -1,7 +1,8 @@
 """Evaluation on embeddings: retrieval, zero-shot classification, text metrics, the report PNG.
 
-Everything here takes embeddings (or per-batch sums) and returns plain dicts; extracting embeddings
-from a checkpoint is the caller's job, so these functions never import the model.
+The metric modules (retrieval, zeroshot, text_metrics, report) take embeddings (or per-batch sums)
+and return plain dicts; they never see the model. `evaluator.Evaluator` streams shards through a
+model on one or many processes and feeds them; `run.run_eval` is the `mmpretrain eval` command.
 """
 
 from mmpretrain.eval.report import RetrievalExample, render_report, retrieval_examples

@@ -20,7 +20,8 @@ from mmpretrain.models.heads import ARHead, MLMHead, SentencePairHead
 from mmpretrain.models.text_trunk import pool_at, project_text, text_hidden
 from mmpretrain.models.towers import TowerOptions, build_dual_tower, image_tower_locked
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature so that s <= 100
+MAX_LOGIT_SCALE = math.log(100.0)
+TEXT_HEADS = frozenset({"mlm", "ar", "pair"})  # CLIP clamps the learned temperature so that s <= 100
 
 
 class MultitaskModel(nn.Module):
@@ -45,20 +46,21 @@ class MultitaskModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     # ------------------------------------------------------------------ text branch
-    def text_outputs(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
+    def text_outputs(self, text: dict[str, Tensor], heads: frozenset[str] = TEXT_HEADS) -> dict[str, Tensor]:
+        """Outputs of the present heads among `heads` ("mlm", "ar", "pair"; training uses all)."""
         out: dict[str, Tensor] = {}
         embedding = self.tower.token_embedding.weight  # (V, D), the tied decoder
-        if self.mlm_head is not None:
+        if self.mlm_head is not None and "mlm" in heads:
             hidden = text_hidden(self.tower, text["mlm_input_ids"], causal=False,
                                  attention_mask=text["attention_mask"])  # (B, L, D)
             selected = text["mlm_labels"] != IGNORE_INDEX  # (B, L)
             out.update(mlm_hidden=self.mlm_head(hidden[selected]),  # (N, D), masked positions only
                        mlm_labels=text["mlm_labels"][selected], mlm_bias=self.mlm_head.bias,
                        decoder_weight=embedding)
-        if self.ar_head is not None:
+        if self.ar_head is not None and "ar" in heads:
             hidden = text_hidden(self.tower, text["ar_input_ids"], causal=True)  # (B, L, D)
             out.update(ar_hidden=self.ar_head(hidden), ar_labels=text["ar_labels"], decoder_weight=embedding)
-        if self.pair_head is not None:
+        if self.pair_head is not None and "pair" in heads:
             if "pair_input_ids" not in text:  # a head without input would get no gradient (and stall DDP)
                 raise ValueError("the sentence-pair head needs pair inputs: build text batches with "
                                  "pair_objective='nsp' or 'sop', or build the model with sentence_pair=False")

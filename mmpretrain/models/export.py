@@ -1,0 +1,96 @@
+"""Export a model to open_clip's `local-dir:` layout, text heads and tokenizer details beside it.
+
+`open_clip.create_model_and_transforms("local-dir:DIR")` loads the dual tower from the two open_clip
+files and ignores ours; `mmpretrain.models.loading.load_model(DIR)` loads all of it. The directory
+is assembled under a temporary name and renamed into place, so a crash never leaves half an export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mmpretrain
+from mmpretrain.errors import UserError
+from mmpretrain.models.loading import (
+    HEADS_META,
+    HEADS_WEIGHTS,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    TOKENIZER_META,
+    Heads,
+    image_size,
+)
+
+
+def preprocess_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's PreprocessCfg for evaluation: the model's size, CLIP's mean/std (what we train with)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return {"size": image_size(model_config), "mode": "RGB", "mean": list(OPENAI_DATASET_MEAN),
+            "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest",
+            "fill_color": 0}
+
+
+def tokenizer_details(context_length: int) -> dict[str, Any]:
+    from mmpretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(context_length=context_length)
+    return {
+        "tokenizer": "open_clip SimpleTokenizer (CLIP BPE) with additional special tokens",
+        "additional_special_tokens": ["<mask>", "<sep>"],
+        "vocab_size": tok.vocab_size,
+        "special_ids": {"<start_of_text>": tok.sot_id, "<end_of_text>": tok.eot_id, "<mask>": tok.mask_id,
+                        "<sep>": tok.sep_id},
+        "pad_id": tok.pad_id,
+        "context_length": context_length,
+        "pooling": "the text embedding is taken at the <end_of_text> position",
+    }
+
+
+def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | Path, *,
+                 overwrite: bool = False, provenance: dict[str, Any] | None = None) -> Path:
+    """Write `model` (a MultitaskModel) to `out`; returns the directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"export {out}: exists and is not empty; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config = {"model_cfg": model_config, "preprocess_cfg": preprocess_config(model_config)}
+        _write_json(tmp / OPEN_CLIP_CONFIG, config)
+        save_file(_contiguous(model.export_state_dict()), str(tmp / OPEN_CLIP_WEIGHTS))
+        head_state = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
+        if head_state:
+            save_file(_contiguous(head_state), str(tmp / HEADS_WEIGHTS))
+        _write_json(tmp / HEADS_META, {"heads": vars(heads).copy(), "mmpretrain_version": mmpretrain.__version__,
+                                       **(provenance or {})})
+        _write_json(tmp / TOKENIZER_META, tokenizer_details(model_config["text_cfg"].get("context_length", 77)))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{new.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
