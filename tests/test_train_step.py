@@ -1,0 +1,224 @@
+"""The train step: loss weighting, and exact contrastive accumulation (K micro-batches = one big batch).
+
+All in float64 on the tiny model with every head on (MLM, AR, sentence order), so "exact" means
+agreement to ~1e-10 relative for the loss, every metric and the gradient of every parameter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpretrain.config import LossConfig
+from mmpretrain.data.masking import MaskingConfig
+from mmpretrain.data.text_objectives import text_batch
+from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.losses import clip_loss, siglip_loss, token_loss
+from mmpretrain.models import TowerOptions, build_model, load_model_config
+from mmpretrain.train import accumulate_step, compute_losses
+from mmpretrain.train import step as step_module
+from mmpretrain.train.step import cache_features, set_rng_state
+
+F64 = torch.float64
+TEXTS = ["A red circle sits on a blue square. It looks calm.", "Two small stars. They shine brightly at night.",
+         "A green triangle beside a ring.", "Three hearts drawn in a row on white paper.",
+         "An old boat on a quiet lake. Mist rises slowly.", "A cat sleeps on the warm sofa.",
+         "Yellow flowers in a glass vase. The room is bright.", "A man rides a bike down the hill.",
+         "Snow covers the tiny village. Lights glow in windows.", "Two dogs play with a ball.",
+         "A plate of pasta with basil leaves.", "The train leaves the station at dawn. Nobody waves."]
+SIZES = (4, 3, 5)  # uneven micro-batches, 12 pairs in the window
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(context_length=32)
+
+
+def _model(options: TowerOptions = TowerOptions()):
+    torch.manual_seed(0)
+    return build_model(load_model_config("tiny"), options, sentence_pair=True).double().train()
+
+
+def _micro_batches(tokenizer, sizes=SIZES, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    batches, start = [], 0
+    for n in sizes:
+        texts = TEXTS[start:start + n]
+        start += n
+        tokens = tokenizer.encode(texts)
+        text = text_batch(texts, tokenizer, MaskingConfig(probability=0.3), gen, pair_objective="sop")
+        batches.append({"images": torch.randn(n, 3, 64, 64, generator=gen, dtype=F64), "tokens": tokens.ids,
+                        "eot_index": tokens.eot_index, "text": text, "captions": texts})
+    return batches
+
+
+def _concat(batches: list[dict]) -> dict:
+    """One micro-batch holding all of `batches`, rows in order (the same masking and pair draws)."""
+    out = {k: torch.cat([b[k] for b in batches]) for k in ("images", "tokens", "eot_index")}
+    out["text"] = {k: torch.cat([b["text"][k] for b in batches]) for k in batches[0]["text"]}
+    return out
+
+
+def _run(model, batches, loss_cfg, **kwargs) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    metrics = accumulate_step(model, batches, loss_cfg, **kwargs)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return metrics, grads
+
+
+def _assert_close_grads(got: dict, want: dict, rel: float = 1e-10, skip=()):
+    assert got.keys() == want.keys()
+    for name in want:
+        if name in skip:
+            continue
+        err = (got[name] - want[name]).norm()
+        assert err <= rel * want[name].norm() + 1e-14, f"{name}: |diff| {err:.3g} vs |grad| {want[name].norm():.3g}"
+
+
+CASES = {
+    "clip": (LossConfig(), TowerOptions()),
+    "clip_tiled": (LossConfig(tile_size=5), TowerOptions()),  # tiles straddle the micro-batch borders
+    "siglip": (LossConfig(contrastive="siglip"), TowerOptions(init_logit_bias=-10.0)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_accumulation_equals_one_big_batch(case, tokenizer):
+    loss_cfg, options = CASES[case]
+    model = _model(options)
+    batches = _micro_batches(tokenizer)
+    big, big_grads = _run(model, [_concat(batches)], loss_cfg)
+    calls = []
+    in_no_sync = [False]
+
+    class NoSync:
+        def __enter__(self):
+            in_no_sync[0] = True
+
+        def __exit__(self, *exc):
+            in_no_sync[0] = False
+
+    def backward(loss):
+        calls.append(in_no_sync[0])
+        loss.backward()
+
+    acc, acc_grads = _run(model, batches, loss_cfg, backward=backward, no_sync=NoSync)
+    assert calls == [True, True, False]  # K backward passes, DDP syncs only on the last one
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(big_grads) == trainable - ({"tower.logit_bias"} if case != "siglip" else set())
+    _assert_close_grads(acc_grads, big_grads)
+    assert acc.keys() == big.keys()
+    for key in big:
+        assert acc[key] == pytest.approx(big[key], rel=1e-10, abs=1e-14), key
+    assert big["mlm_tokens"] > 0 and big["pair_loss"] > 0
+
+
+@pytest.mark.parametrize("case", ["clip", "siglip"])
+def test_temperature_gradient_counted_once_not_k_times(case, tokenizer, monkeypatch):
+    loss_cfg, options = CASES[case]
+    model = _model(options)
+    batches = _micro_batches(tokenizer)
+    _, exact = _run(model, batches, loss_cfg)
+    real = step_module.compute_losses
+    # The naive accumulation (open_clip's --accum-freq): the temperature stays live in every re-run.
+    monkeypatch.setattr(step_module, "compute_losses",
+                        lambda out, cfg, **kw: real(out, cfg, **{**kw, "detach_scale": False}))
+    _, naive = _run(model, batches, loss_cfg)
+    scales = ["tower.logit_scale"] + (["tower.logit_bias"] if case == "siglip" else [])
+    for name in scales:  # each re-run's loss is the whole window's, so each adds the full dL/ds
+        assert float(exact[name]) != 0.0
+        assert float(naive[name]) == pytest.approx(len(batches) * float(exact[name]), rel=1e-10)
+    _assert_close_grads(naive, exact, skip=scales)  # nothing else changes
+
+
+def test_patch_dropout_replays_the_cached_features(tokenizer):
+    model = _model(TowerOptions(patch_dropout=0.5))
+    batches = _micro_batches(tokenizer)
+    inputs = {k: batches[0][k] for k in ("images", "tokens", "eot_index")}
+    # Dropout is really active: two plain forwards of one batch differ.
+    assert not torch.equal(model(**inputs)["image_features"], model(**inputs)["image_features"])
+    torch.manual_seed(7)
+    cache = cache_features(model, batches)
+    for i in reversed(range(len(batches))):  # any order: the state of pass 1 is restored
+        set_rng_state(cache["rng"][i], torch.device("cpu"))
+        live = model(**{k: batches[i][k] for k in ("images", "tokens", "eot_index")})
+        assert torch.equal(live["image_features"], cache["image_features"][i])
+        assert torch.equal(live["text_features"], cache["text_features"][i])
+    # The step itself: its window loss is the loss of the cached (pass-1) features.
+    loss_cfg = LossConfig()
+    torch.manual_seed(7)
+    metrics = accumulate_step(model, batches, loss_cfg)
+    torch.manual_seed(7)
+    cache = cache_features(model, batches)
+    want = clip_loss(torch.cat(cache["image_features"]), torch.cat(cache["text_features"]),
+                     model.tower.logit_scale.exp())["loss"]
+    assert metrics["clip_loss"] == pytest.approx(float(want.detach()), rel=1e-13)
+
+
+def test_text_only_micro_batches(tokenizer):
+    model = _model()
+    batches = [{"text": b["text"]} for b in _micro_batches(tokenizer)]
+    big, big_grads = _run(model, [{"text": _concat(_micro_batches(tokenizer))["text"]}], LossConfig())
+    acc, acc_grads = _run(model, batches, LossConfig())
+    assert "clip_loss" not in acc and acc.keys() == big.keys()
+    assert acc["loss"] == pytest.approx(big["loss"], rel=1e-10)
+    _assert_close_grads(acc_grads, big_grads)
+
+
+WEIGHTS = [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 1, 1, 1), (0.5, 2.0, 0.0, 3.0)]
+
+
+def test_compute_losses_parts_and_weights(tokenizer):
+    model = _model()
+    batch = _concat(_micro_batches(tokenizer))
+    out = model(**{k: batch[k] for k in ("images", "tokens", "eot_index", "text")})
+    want = {
+        "clip_loss": clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["loss"],
+        "mlm_loss": token_loss(out["mlm_hidden"], out["decoder_weight"], out["mlm_labels"], bias=out["mlm_bias"])["loss"],
+        "ar_loss": token_loss(out["ar_hidden"], out["decoder_weight"], out["ar_labels"])["loss"],
+        "pair_loss": F.cross_entropy(out["pair_logits"], out["pair_labels"]),
+    }
+    for w in WEIGHTS:
+        cfg = LossConfig(clip_weight=w[0], mlm_weight=w[1], ar_weight=w[2], pair_weight=w[3])
+        parts = compute_losses(out, cfg)
+        for name, value in want.items():
+            assert float(parts[name]) == pytest.approx(float(value), rel=1e-12), name
+            assert not parts[name].requires_grad
+        expected = sum(wi * float(want[k]) for wi, k in zip(w, ("clip_loss", "mlm_loss", "ar_loss", "pair_loss")))
+        assert float(parts["loss"]) == pytest.approx(expected, rel=1e-12)
+    # A zero weight keeps its head in the graph (DDP needs every parameter used): zero gradient.
+    model.zero_grad(set_to_none=True)
+    compute_losses(out, LossConfig(mlm_weight=0.0))["loss"].backward()
+    assert torch.count_nonzero(model.mlm_head.dense.weight.grad) == 0
+
+
+def test_num_tokens_and_detach_scale(tokenizer):
+    model = _model(TowerOptions(init_logit_bias=-10.0))
+    batch = _concat(_micro_batches(tokenizer))
+    out = model(**{k: batch[k] for k in ("images", "tokens", "eot_index", "text")})
+    plain = compute_losses(out, LossConfig(contrastive="siglip"))
+    halved = compute_losses(out, LossConfig(contrastive="siglip"),
+                            num_tokens={"mlm": 2 * plain["mlm_tokens"], "ar": 2 * plain["ar_tokens"], "pair": 24})
+    for name in ("mlm_loss", "ar_loss", "pair_loss"):
+        assert float(halved[name]) == pytest.approx(float(plain[name]) / 2, rel=1e-12)
+    want = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])["loss"]
+    assert float(plain["clip_loss"]) == pytest.approx(float(want), rel=1e-12)
+    detached = compute_losses(out, LossConfig(contrastive="siglip", mlm_weight=0, ar_weight=0, pair_weight=0),
+                              detach_scale=True)
+    model.zero_grad(set_to_none=True)
+    detached["loss"].backward()
+    assert model.tower.logit_scale.grad is None and model.tower.logit_bias.grad is None
+    assert model.tower.text_projection.grad is not None
+
+
+def test_misuse_is_a_value_error(tokenizer):
+    model = _model()
+    batch = _micro_batches(tokenizer, sizes=(2,))[0]
+    out = model(images=batch["images"], tokens=batch["tokens"], eot_index=batch["eot_index"])
+    with pytest.raises(ValueError, match="logit bias"):
+        compute_losses(out, LossConfig(contrastive="siglip"))
+    with pytest.raises(ValueError, match="contrastive"):
+        compute_losses(out, LossConfig(contrastive="infonce"))
+    with pytest.raises(ValueError, match="at least one"):
+        accumulate_step(model, [], LossConfig())
