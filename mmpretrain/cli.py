@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_data(sub)
     _add_prepare(sub)
     _add_inspect(sub)
+    _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
     return parser
@@ -175,6 +176,30 @@ def _run_inspect(args) -> int:
     report = inspect_shards(args.target, grid=args.grid, grid_samples=args.grid_samples)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
     return 0 if report.ok else 1
+
+
+# -- train ---------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train from a config (one process; the same code runs under "
+                                     "`accelerate launch -m mmpretrain.train`)")
+    p.add_argument("--config", required=True, help="configs/train/NAME.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, values in YAML (train.steps=100 data.train_shards=[a,b])")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from mmpretrain.config import load_config
+    from mmpretrain.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    if trainer.accelerator.is_main_process:
+        loss = f"loss {metrics['loss']:.4f}, " if metrics else ""
+        print(f"trained to step {trainer.step}: {loss}run directory {cfg.train.output_dir} "
+              f"(evaluate it with `mmpretrain eval retrieval --checkpoint {cfg.train.output_dir} --shards ...`)")
+    return 0
 
 
 # -- eval ----------------------------------------------------------------------------------------

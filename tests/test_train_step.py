@@ -183,10 +183,10 @@ def test_compute_losses_parts_and_weights(tokenizer):
         cfg = LossConfig(clip_weight=w[0], mlm_weight=w[1], ar_weight=w[2], pair_weight=w[3])
         parts = compute_losses(out, cfg)
         for name, value in want.items():
-            assert float(parts[name]) == pytest.approx(float(value), rel=1e-12), name
+            assert float(parts[name]) == pytest.approx(value.detach().item(), rel=1e-12), name
             assert not parts[name].requires_grad
-        expected = sum(wi * float(want[k]) for wi, k in zip(w, ("clip_loss", "mlm_loss", "ar_loss", "pair_loss")))
-        assert float(parts["loss"]) == pytest.approx(expected, rel=1e-12)
+        expected = sum(wi * want[k].detach().item() for wi, k in zip(w, ("clip_loss", "mlm_loss", "ar_loss", "pair_loss")))
+        assert parts["loss"].item() == pytest.approx(expected, rel=1e-12)
     # A zero weight keeps its head in the graph (DDP needs every parameter used): zero gradient.
     model.zero_grad(set_to_none=True)
     compute_losses(out, LossConfig(mlm_weight=0.0))["loss"].backward()
@@ -203,7 +203,7 @@ def test_num_tokens_and_detach_scale(tokenizer):
     for name in ("mlm_loss", "ar_loss", "pair_loss"):
         assert float(halved[name]) == pytest.approx(float(plain[name]) / 2, rel=1e-12)
     want = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])["loss"]
-    assert float(plain["clip_loss"]) == pytest.approx(float(want), rel=1e-12)
+    assert float(plain["clip_loss"]) == pytest.approx(want.detach().item(), rel=1e-12)
     detached = compute_losses(out, LossConfig(contrastive="siglip", mlm_weight=0, ar_weight=0, pair_weight=0),
                               detach_scale=True)
     model.zero_grad(set_to_none=True)

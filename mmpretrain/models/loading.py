@@ -158,7 +158,7 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
     cfg = validate_model_config(meta.get("model_config"), str(ckpt / CHECKPOINT_META))
     heads = Heads(**meta.get("heads", {}))
     model = _build(cfg, heads)
-    state = _read_safetensors(ckpt / CHECKPOINT_WEIGHTS)
+    state = _strip_wrappers(_read_safetensors(ckpt / CHECKPOINT_WEIGHTS))
     _load_strict(model, state, ckpt / CHECKPOINT_WEIGHTS)
     return LoadedModel(model.eval(), cfg, heads, "checkpoint", str(ckpt), step=meta.get("step"))
 
@@ -209,6 +209,17 @@ def _check_same_architecture(loaded: LoadedModel, name: str) -> None:
     if load_model_config(name) != loaded.model_config:
         raise UserError(f"--model {name} differs from the architecture stored in {loaded.path}; "
                         "leave --model out (it is only needed for open_clip weights files)")
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """Keys as the bare model names them: accelerate saves a DDP/compiled model with `module.` /
+    `_orig_mod.` in front."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
 
 
 def _load_strict(model, state: dict, where: Path) -> None:

@@ -1,0 +1,259 @@
+"""The trainer: 2 processes = 1 process on the same global batch, kill -9 and resume = uninterrupted,
+a non-finite loss stops with the last checkpoint intact, checkpoints load for eval and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_stream import write_shards
+
+from mmpretrain.config import load_config
+from mmpretrain.errors import UserError
+
+CONFIG = "configs/train/tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _overrides(tmp: Path, images: str, text: str, **extra) -> list[str]:
+    base = {
+        "data.train_shards": images, "data.text_shards": text, "data.batch_size": 4,
+        "data.text_batch_size": 4, "data.num_workers": 1, "data.shuffle_buffer": 8, "train.steps": 8,
+        "train.checkpoint_every": 3, "train.keep_checkpoints": 5, "train.output_dir": str(tmp / "run"),
+        "eval.every": 0, "logging.log_every": 1, "logging.trackers": "[]", "logging.progress": "false",
+        "schedule.warmup_steps": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_shards(root / "img", [13, 11]), write_shards(root / "txt", [9, 9], text_only=True)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    """step -> loss of metrics.jsonl's train lines; a step logged twice (after a resume) keeps the last."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # the line a kill -9 cut short
+            continue
+        if row["kind"] == "train":
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def _train_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mmpretrain.train", "--config", CONFIG, *overrides]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(shards, tmp_path):
+    images, text = shards
+    straight = _overrides(tmp_path / "a", images, text)
+    done = subprocess.run(_train_cmd(straight), cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _losses(tmp_path / "a" / "run")
+    assert sorted(reference) == list(range(1, 9))
+
+    killed = _overrides(tmp_path / "b", images, text)
+    run = tmp_path / "b" / "run"
+    proc = subprocess.Popen(_train_cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env())
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)  # no handler, no cleanup: what a preempted node looks like
+    proc.wait()
+    assert (run / "checkpoints" / "step-00000003" / "checkpoint.json").is_file()
+    resumed = subprocess.run(_train_cmd([*killed, "train.resume=latest"]), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _losses(run)
+    assert sorted(after) == list(range(1, 9))
+    for step in range(1, 9):
+        assert after[step] == pytest.approx(reference[step], abs=1e-6, rel=0), step
+    assert len({round(v, 6) for v in reference.values()}) > 4  # the losses move: a real comparison
+
+
+def test_non_finite_loss_stops_and_the_last_checkpoint_stays_usable(shards, tmp_path, capsys):
+    from mmpretrain.cli import main
+    from mmpretrain.models.loading import load_model
+
+    images, text = shards
+    args = _overrides(tmp_path, images, text, **{"train.steps": 2, "train.checkpoint_every": 2})
+    assert main(["train", "--config", str(ROOT / CONFIG), *args]) == 0
+    capsys.readouterr()
+    bad = [*args, "train.steps=4", "train.resume=latest", "loss.mlm_weight=.inf"]
+    assert main(["train", "--config", str(ROOT / CONFIG), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "step 3: the loss is" in err and "step-00000002" in err, err
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000002"]  # nothing half-written, nothing from the bad step
+    loaded = load_model(tmp_path / "run")
+    assert loaded.step == 2 and loaded.heads.mlm and loaded.heads.ar
+    # the same command without train.resume would silently start over on top of it: refused
+    assert main(["train", "--config", str(ROOT / CONFIG), *args]) == 2
+    assert "train.resume=latest" in capsys.readouterr().err
+
+
+def test_trainer_checkpoint_exports_to_open_clip(shards, tmp_path):
+    import open_clip
+
+    from mmpretrain.models.export import export_model
+    from mmpretrain.models.loading import load_model
+    from mmpretrain.train.trainer import Trainer
+
+    images, text = shards
+    cfg = load_config(ROOT / CONFIG, _overrides(tmp_path, images, text, **{"train.steps": 1}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    loaded = load_model(cfg.train.output_dir)
+    out = export_model(loaded.model, loaded.model_config, loaded.heads, tmp_path / "export")
+    reference, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = trainer.bare_model.eval().encode_image(x)
+        torch.testing.assert_close(loaded.model.encode_image(x), want)
+        torch.testing.assert_close(reference.eval().encode_image(x, normalize=True), want)
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    from mmpretrain.cli import main
+
+    assert main(["train", "--config", str(ROOT / CONFIG), "train.stpes=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert main(["train", "--config", str(ROOT / CONFIG), "data.train_shards=[]"]) == 2
+    assert "data.train_shards is empty" in capsys.readouterr().err
+
+
+# -- two processes -----------------------------------------------------------------------------------
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from accelerate import Accelerator
+    from mmpretrain.config import load_config
+    from mmpretrain.train.trainer import Trainer
+    sys.path.insert(0, sys.argv[3])
+    from test_train_loop import global_batches, micro_batches
+
+    out, config = sys.argv[1], sys.argv[2]
+    overrides = json.loads(sys.argv[4])
+    acc = Accelerator(cpu=True)
+    trainer = Trainer(load_config(config, overrides), accelerator=acc)
+    losses = []
+    for batch in global_batches():
+        losses.append(trainer.train_step(micro_batches(batch, acc.process_index, acc.num_processes, 2))["loss"])
+    state = {k: v.tolist() for k, v in trainer.bare_model.state_dict().items()}
+    # and a real run through the loaders: 2 steps, a checkpoint, an evaluation, on both processes
+    fit = Trainer(load_config(config, json.loads(sys.argv[5])), accelerator=Accelerator(cpu=True))
+    fit.fit()
+    if acc.is_main_process:
+        with open(out, "w") as fh:
+            json.dump({"losses": losses, "state": state, "world": acc.num_processes}, fh)
+    """
+)
+
+
+def global_batches(steps: int = 3, size: int = 8) -> list[dict]:
+    """Fixed global image-text batches with their text-branch tensors (float32, CPU)."""
+    from mmpretrain.data.masking import MaskingConfig
+    from mmpretrain.data.text_objectives import text_batch
+    from mmpretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(context_length=32)
+    out = []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        captions = [f"picture {step} number {i} of a {['red', 'blue', 'green'][i % 3]} thing" for i in range(size)]
+        tokens = tok.encode(captions)
+        out.append({"images": torch.randn(size, 3, 64, 64, generator=gen), "tokens": tokens.ids,
+                    "eot_index": tokens.eot_index,
+                    "text": text_batch(captions, tok, MaskingConfig(), torch.Generator().manual_seed(100 + step))})
+    return out
+
+
+def micro_batches(batch: dict, rank: int, world: int, accum: int) -> list[dict]:
+    """This process's `accum` micro-batches: rows split by process, then by micro-batch."""
+    n = len(batch["images"]) // (world * accum)
+
+    def rows(t, start):
+        return t[start:start + n]
+
+    out = []
+    for i in range(accum):
+        start = (rank * accum + i) * n
+        out.append({"images": rows(batch["images"], start), "tokens": rows(batch["tokens"], start),
+                    "eot_index": rows(batch["eot_index"], start),
+                    "text": {k: rows(v, start) for k, v in batch["text"].items()}})
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batch(shards, tmp_path):
+    from accelerate import Accelerator
+
+    from mmpretrain.train.trainer import Trainer
+
+    images, text = shards
+    step_overrides = ["train.accum_steps=2", "train.steps=10", f"train.output_dir={tmp_path / 'unused'}",
+                      "logging.trackers=[]", "optim.lr=1e-3", "schedule.warmup_steps=1"]
+    fit_overrides = _overrides(tmp_path / "fit", images, text, **{
+        "train.steps": 2, "train.checkpoint_every": 1, "eval.every": 2,
+        "eval.retrieval_shards": images, "eval.zeroshot_shards": "[]", "eval.text_shards": text})
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), str(tmp_path / "two.json"), str(ROOT / CONFIG),
+           str(Path(__file__).parent), json.dumps(step_overrides), json.dumps(fit_overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world"] == 2
+
+    trainer = Trainer(load_config(ROOT / CONFIG, step_overrides), accelerator=Accelerator(cpu=True))
+    one = [trainer.train_step(micro_batches(b, 0, 1, 2))["loss"] for b in global_batches()]
+    assert two["losses"] == pytest.approx(one, abs=1e-5, rel=0)
+    assert one[0] != pytest.approx(one[-1], abs=1e-3)  # the weights moved between steps
+    for key, value in trainer.bare_model.state_dict().items():
+        torch.testing.assert_close(torch.tensor(two["state"][key], dtype=value.dtype), value, atol=1e-5, rtol=0,
+                                   msg=key)
+    # the 2-process fit: a checkpoint per step (both processes' loader positions), one eval line
+    run = tmp_path / "fit" / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000002").glob("loader_*.json")) == [
+        "loader_0.json", "loader_1.json"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["retrieval/num_samples"] == 24 and evals[0]["text/num_texts"] == 18
+
+
+def test_unknown_tracker_is_a_config_error(tmp_path):
+    from mmpretrain.train.runlog import check_trackers
+
+    with pytest.raises(UserError, match="not installed"):
+        check_trackers(["surely_not_a_tracker_package"])
