@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
+    from mmpretrain.train.plot import add_plot_parser
+
+    add_plot_parser(sub)
     return parser
 
 

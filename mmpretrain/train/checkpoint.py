@@ -18,6 +18,7 @@ from typing import Any
 from mmpretrain.errors import UserError
 from mmpretrain.models.loading import (
     CHECKPOINT_META,
+    CHECKPOINT_WEIGHTS,
     CHECKPOINTS_DIR,
     checkpoint_dirs,
     checkpoint_name,
@@ -28,8 +29,10 @@ from mmpretrain.models.loading import (
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict[str, Any], loaders: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, model=None) -> Path:
     """Collective: every process calls it. Returns the checkpoint directory."""
+    from accelerate.utils import DistributedType
+
     root = Path(run_dir) / CHECKPOINTS_DIR
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
@@ -37,6 +40,13 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict[str, Any],
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if model is not None and accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP's save_state writes pytorch_model_fsdp*.bin; eval and export read model.safetensors.
+        state = accelerator.get_state_dict(model)  # collective: gathers the full state on the main process
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / CHECKPOINT_WEIGHTS))
     states = {name: loader.state_dict() for name, loader in loaders.items()}
     (tmp / f"loader_{accelerator.process_index}.json").write_text(json.dumps(states))
     accelerator.wait_for_everyone()

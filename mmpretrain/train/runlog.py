@@ -26,7 +26,7 @@ def check_trackers(trackers: list[str]) -> None:
 class RunLog:
     def __init__(self, accelerator, run_dir: Path, project: str, config: dict[str, Any], trackers: list[str]):
         self.accelerator, self.is_main = accelerator, accelerator.is_main_process
-        self.file = open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") if self.is_main else None
+        self.file = _open_for_append(Path(run_dir) / METRICS_FILE) if self.is_main else None
         self.trackers = bool(trackers)
         if self.trackers:
             accelerator.init_trackers(project, config=_flat(config))
@@ -47,6 +47,18 @@ class RunLog:
             self.file = None
         if self.trackers:
             self.accelerator.end_training()
+
+
+def _open_for_append(path: Path):
+    """Append mode; a line that a killed run left without its newline is closed first, so the
+    resumed run's first line does not get glued onto it."""
+    fh = open(path, "a+b")
+    if fh.tell() > 0:
+        fh.seek(-1, 2)
+        if fh.read(1) != b"\n":
+            fh.write(b"\n")
+    fh.close()
+    return open(path, "a", encoding="utf-8")
 
 
 def _json_number(value):

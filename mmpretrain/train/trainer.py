@@ -63,7 +63,7 @@ class Trainer:
     """Model, optimizer and schedule on construction; `fit()` adds data, checkpoints, logging, eval."""
 
     def __init__(self, cfg: Config, accelerator=None):
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_accelerator(cfg)
@@ -85,6 +85,9 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
         if cfg.model.compile:
             model = torch.compile(model)
+        if acc.distributed_type == DistributedType.DEEPSPEED and cfg.train.accum_steps > 1:
+            raise UserError("train.accum_steps > 1 with DeepSpeed: its engine steps the optimizer inside "
+                            "backward, which breaks exact contrastive accumulation; use DDP or FSDP, or accum_steps=1")
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         self.step = 0
@@ -117,7 +120,9 @@ class Trainer:
                                    f"updating the weights. {self._last_good()} Lower optim.lr, raise "
                                    "schedule.warmup_steps or use train.precision=fp32/bf16, then resume")
         if cfg.optim.grad_clip is not None:
-            metrics["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            if norm is not None:  # DeepSpeed clips inside its engine (gradient_clipping) and may return None
+                metrics["grad_norm"] = float(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,7 +190,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
             if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0) or last:
-                save_checkpoint(acc, cfg.train.output_dir, self.step, self._meta(), loaders, cfg.train.keep_checkpoints)
+                save_checkpoint(acc, cfg.train.output_dir, self.step, self._meta(), loaders,
+                                cfg.train.keep_checkpoints, self.model)
             if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):
                 results = self.evaluate(zeroshot_names)
                 if results:
