@@ -16,14 +16,12 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 from types import UnionType
-from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mmpretrain.data.masking_config import MaskingConfig
 from mmpretrain.errors import UserError
-
-if TYPE_CHECKING:
-    from mmpretrain.data.masking import MaskingConfig
 
 
 @dataclass
@@ -51,22 +49,6 @@ class ModelConfig:
 
 
 @dataclass
-class MaskingSection:
-    probability: float = 0.15
-    """Expected fraction of maskable tokens predicted by the MLM head."""
-    strategy: str = "token"
-    """"token", "whole_word" or "span"."""
-    mask_fraction: float = 0.8
-    """Of the selected units, the share replaced by <mask>."""
-    random_fraction: float = 0.1
-    """Of the selected units, the share replaced by random tokens."""
-    span_p: float = 0.2
-    """Geometric parameter of span lengths (span strategy)."""
-    max_span: int = 10
-    """Longest span in words (span strategy)."""
-
-
-@dataclass
 class DataConfig:
     train_shards: list[str] = field(default_factory=list)
     """Image-text shard patterns (brace/glob patterns, folders, or `pipe:` URLs) for training."""
@@ -90,7 +72,7 @@ class DataConfig:
     """Tokens per text, <start> and <end> included; must not exceed the model's context length."""
     augmentation: dict = field(default_factory=dict)
     """open_clip AugmentationCfg fields for training images (scale, color_jitter, ...)."""
-    masking: MaskingSection = field(default_factory=MaskingSection)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     """How MLM inputs are corrupted."""
 
 
@@ -228,7 +210,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         _merge(tree, _read_yaml(Path(path)), Config, "", str(path), sources)
     for item in overrides:
         _merge(tree, _parse_override(item), Config, "", COMMAND_LINE, sources)
-    cfg = _instantiate(Config, tree)
+    cfg = _build(tree, sources)
     validate_config(cfg, sources)
     return cfg
 
@@ -237,7 +219,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> Config
     """A config from plain data (a checkpoint's copy); missing keys take their defaults."""
     tree, sources = config_to_dict(Config()), {}
     _merge(tree, d, Config, "", source, sources)
-    cfg = _instantiate(Config, tree)
+    cfg = _build(tree, sources)
     validate_config(cfg, sources)
     return cfg
 
@@ -266,8 +248,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def masking_config(cfg: Config) -> MaskingConfig:
-    """The data.masking section as `mmpretrain.data.masking.MaskingConfig` (imported here: it needs torch)."""
-    return _masking(cfg, {})
+    """The data.masking section (already a validated MaskingConfig)."""
+    return cfg.data.masking
 
 
 def require_training_data(cfg: Config) -> None:
@@ -335,15 +317,13 @@ def validate_config(cfg: Config, sources: Mapping[str, str] | None = None) -> No
             fail("data.train_weights", "weights only apply to data.mode = resampled; remove them or change the mode")
     if cfg.loss.local_loss and cfg.loss.contrastive != "clip":
         fail("loss.local_loss", "only loss.contrastive = clip has a local form; set it to false")
-    _masking(cfg, sources)
 
 
-def _masking(cfg: Config, sources: Mapping[str, str]) -> MaskingConfig:
-    from mmpretrain.data.masking import MaskingConfig  # imports torch: not at module level
-
+def _build(tree: Mapping[str, Any], sources: Mapping[str, str]) -> Config:
+    """The dataclasses from checked plain data; MaskingConfig validates itself on construction."""
     try:
-        return MaskingConfig(**asdict(cfg.data.masking))
-    except ValueError as err:  # "masking.X = value: why"
+        return _instantiate(Config, tree)
+    except ValueError as err:  # MaskingConfig: "masking.X = value: why"
         key = "data." + str(err).split(" ", 1)[0]
         where = f"{sources[key]}: " if key in sources else ""
         raise UserError(f"{where}data.{err}") from None

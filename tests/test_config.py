@@ -10,7 +10,6 @@ import yaml
 
 from mmpretrain.config import (
     Config,
-    MaskingSection,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -19,6 +18,7 @@ from mmpretrain.config import (
     save_config,
     validate_config,
 )
+from mmpretrain.data.masking_config import MaskingConfig
 from mmpretrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_defaults_without_file():
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.train.steps == 1000 and cfg.optim.grad_clip == 1.0 and cfg.data.train_shards == []
-    assert cfg.data.masking == MaskingSection()
+    assert cfg.data.masking == MaskingConfig()
     assert list(config_to_dict(cfg)) == ["model", "data", "loss", "optim", "schedule", "train", "eval", "logging"]
 
 
@@ -195,15 +195,11 @@ def test_masking_errors_are_user_errors_with_the_dotted_key(tmp_path):
         "command line: data.masking.probability = 1.5: must be in (0, 1)"
     path = write(tmp_path, "data:\n  masking:\n    strategy: sentence\n")
     assert error(path).startswith(f"{path}: data.masking.strategy = 'sentence': must be one of token")
-    bad = Config()
-    bad.data.masking.probability = 0.0
-    with pytest.raises(UserError, match=r"^data\.masking\.probability = 0\.0: must be in \(0, 1\)$"):
-        masking_config(bad)
+    with pytest.raises(ValueError, match=r"^masking\.probability = 0\.0: must be in \(0, 1\)$"):
+        MaskingConfig(probability=0.0)  # the section is immutable and checked when built, also in code
 
 
-def test_masking_config_converts_the_section():
-    from mmpretrain.data.masking import MaskingConfig
-
+def test_masking_config_is_the_section():
     cfg = load_config(None, ["data.masking.strategy=span", "data.masking.max_span=5"])
     assert masking_config(cfg) == MaskingConfig(strategy="span", max_span=5)
 
