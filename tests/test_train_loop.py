@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_and_the_last_checkpoint_stays_usable(shards, tmp_
     assert "train.resume=latest" in capsys.readouterr().err
 
 
-def test_trainer_checkpoint_exports_to_open_clip(shards, tmp_path):
+def test_trainer_checkpoint_exports_to_open_clip_and_logs_to_tensorboard(shards, tmp_path):
     import open_clip
 
     from mmpretrain.models.export import export_model
@@ -135,9 +135,12 @@ def test_trainer_checkpoint_exports_to_open_clip(shards, tmp_path):
     from mmpretrain.train.trainer import Trainer
 
     images, text = shards
-    cfg = load_config(ROOT / CONFIG, _overrides(tmp_path, images, text, **{"train.steps": 1}))
+    # the config's default tracker (TensorBoard) stays on here
+    cfg = load_config(ROOT / CONFIG, _overrides(tmp_path, images, text, **{"train.steps": 1, "logging.trackers":
+                                                                           '["tensorboard"]'}))
     trainer = Trainer(cfg)
     trainer.fit()
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
     loaded = load_model(cfg.train.output_dir)
     out = export_model(loaded.model, loaded.model_config, loaded.heads, tmp_path / "export")
     reference, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
