@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_run
 
-.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval clean install
+.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval bench-train clean install
 
 install: $(STAMP)
 
@@ -30,7 +30,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: bench-prepare bench-loader bench-contrastive bench-retrieval
+bench: bench-prepare bench-loader bench-contrastive bench-retrieval bench-train
 
 bench-prepare: $(STAMP)
 	$(PY) pipelines/bench/prepare_throughput.py
@@ -43,6 +43,9 @@ bench-contrastive: $(STAMP)
 
 bench-retrieval: $(STAMP)
 	$(PY) pipelines/bench/retrieval_eval.py
+
+bench-train: $(STAMP)
+	$(PY) pipelines/bench/train_throughput.py
 
 clean:
 	rm -rf $(DEMO) shards/demo shards/demo-text
