@@ -130,6 +130,7 @@ def bench_overhead(args, work: Path) -> dict:
     if not (cfg.model.mlm and cfg.model.ar) or cfg.model.sentence_pair:
         sys.exit("the bare loop runs the contrastive, MLM and AR losses: use a config with both heads and no pair head")
     trainer = Trainer(cfg)
+    torch.set_num_threads(args.threads)  # on CPU the trainer sizes its threads for fit(); here both loops use --threads
     bare = Bare(cfg, trainer.model_cfg)
     batches = make_batches(cfg, trainer.model_cfg, args.batches, cfg.train.seed)
     steps = {"ours": lambda b: trainer.train_step([b])["loss"], "bare": bare.step}
@@ -201,6 +202,7 @@ def bench_data_wait(args, work: Path, shards: tuple[str, str], workers: int) -> 
     start = time.perf_counter()
     Trainer(cfg).fit()
     wall = time.perf_counter() - start
+    print(f"fit with {workers} worker(s): torch threads chosen by the trainer: {torch.get_num_threads()}", flush=True)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if m["kind"] == "train" and m["step"] > args.skip]
     wait = [m["data_wait"] for m in steps]
