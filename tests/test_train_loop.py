@@ -264,6 +264,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(shards, tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
     assert sorted(p.name for p in (run / "checkpoints" / "step-00000002").glob("loader_*.json")) == [
         "loader_0.json", "loader_1.json"]
+    from mmpretrain.models.loading import load_model
+
+    assert load_model(run).step == 2  # a DDP run's checkpoint loads for eval/export like a 1-process one
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["retrieval/num_samples"] == 24 and evals[0]["text/num_texts"] == 18
