@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_run
 
-.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval bench-train clean install
+.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval bench-train bench-peer clean install
 
 install: $(STAMP)
 
@@ -18,11 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mmpretrain demo-data --out $(DEMO)/raw
-	$(VENV)/bin/mmpretrain prepare $(DEMO)/raw/folder $(DEMO)/raw/manifest.csv --out shards/demo --image-size 64 --workers 2 --val-fraction 0.05 --shard-size 500
-	$(VENV)/bin/mmpretrain prepare $(DEMO)/raw/corpus.txt --text-only --out shards/demo-text --val-fraction 0.05 --shard-size 500
-	$(VENV)/bin/mmpretrain inspect shards/demo --grid $(DEMO)/contact.png
-	$(VENV)/bin/mmpretrain inspect shards/demo-text
+	BIN=$(VENV)/bin pipelines/quickstart.sh $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
@@ -47,5 +43,9 @@ bench-retrieval: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) pipelines/bench/train_throughput.py
 
+# Not in `bench`: it builds its own environment for open_clip_train (.venv-peer, once).
+bench-peer: $(STAMP)
+	$(PY) pipelines/bench/peer_open_clip.py
+
 clean:
-	rm -rf $(DEMO) shards/demo shards/demo-text
+	rm -rf $(DEMO) shards/demo shards/demo-text compare_runs

@@ -268,8 +268,10 @@ def _run_eval(args) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a run/checkpoint as an open_clip model directory (+ text heads)")
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
-                   help="run directory (its newest checkpoint), checkpoint directory, or exported directory")
-    p.add_argument("--model", help="architecture, when --checkpoint is an open_clip weights file")
+                   help="run directory (its newest checkpoint), checkpoint directory, exported directory, "
+                        "or open_clip weights file (with --model)")
+    p.add_argument("--model", help="architecture of an open_clip weights file: configs/models name, .json, "
+                                   "or open_clip model name")
     p.add_argument("--out", required=True, help="directory to write (open_clip local-dir: layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_run_export)

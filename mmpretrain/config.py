@@ -208,11 +208,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     tree, sources = config_to_dict(Config()), {}
     if path is not None:
         _merge(tree, _read_yaml(Path(path)), Config, "", str(path), sources)
+    _check_repeats(overrides)
     for item in overrides:
         _merge(tree, _parse_override(item), Config, "", COMMAND_LINE, sources)
     cfg = _build(tree, sources)
     validate_config(cfg, sources)
     return cfg
+
+
+def _check_repeats(overrides: Sequence[str]) -> None:
+    """A key given twice is an error, not "the last one wins": an unquoted brace pattern
+    (data.train_shards=a/{000..009}.tar) is expanded by the shell into one override per shard, and
+    only the last shard would be trained on."""
+    counts: dict[str, int] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        counts[key] = counts.get(key, 0) + 1
+    repeated = {k: n for k, n in counts.items() if n > 1}
+    if repeated:
+        key, n = next(iter(repeated.items()))
+        raise UserError(f"{COMMAND_LINE}: {key} is given {n} times; give each key once (a brace pattern must "
+                        "be quoted, e.g. data.train_shards='a/{000..009}.tar', or the shell expands it into "
+                        "one argument per file)")
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> Config:

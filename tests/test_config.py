@@ -72,7 +72,9 @@ def test_overrides_of_each_kind(tmp_path):
     assert cfg.data.masking.probability == 0.3
     assert cfg.data.augmentation == {"scale": [0.9, 1.0]}
     assert cfg.train.resume == "latest"
-    assert load_config(None, ["model.sentence_pair=nsp", "model.sentence_pair=null"]).model.sentence_pair is None
+    nsp = load_config(None, ["model.sentence_pair=nsp"])
+    assert nsp.model.sentence_pair == "nsp"
+    assert config_from_dict({"model": {"sentence_pair": None}}).model.sentence_pair is None
     # one pattern needs no list brackets (brace ranges would not parse inside a YAML flow list)
     assert load_config(None, ["data.train_shards=/d/{000..009}.tar"]).data.train_shards == ["/d/{000..009}.tar"]
 
@@ -184,7 +186,8 @@ def test_value_error_names_the_file(tmp_path):
 
 
 def test_accepted_edge_values():
-    cfg = load_config(None, ["loss.tile_size=null", "loss.tile_size=1", "data.num_workers=0", "optim.beta1=0",
+    assert load_config(None, ["loss.tile_size=null"]).loss.tile_size is None
+    cfg = load_config(None, ["loss.tile_size=1", "data.num_workers=0", "optim.beta1=0",
                              "schedule.min_lr_ratio=1", "train.checkpoint_every=0", "train.resume=runs/x/ckpt-100",
                              "loss.contrastive=siglip", "schedule.name=constant", "train.precision=bf16"])
     assert (cfg.loss.tile_size, cfg.data.num_workers, cfg.train.resume) == (1, 0, "runs/x/ckpt-100")
@@ -275,3 +278,10 @@ def test_recipes_say_what_they_promise():
             a[section].pop(key), b[section].pop(key)
     assert a == b
     assert by_name["vit-b-16"].model.grad_checkpointing and by_name["vit-b-16"].data.batch_size == 256
+
+
+def test_a_key_given_twice_is_an_error_naming_the_shell_expansion():
+    # what bash makes of an unquoted data.train_shards=/d/{000..002}.tar
+    overrides = [f"data.train_shards=/d/{i:03d}.tar" for i in range(3)]
+    with pytest.raises(UserError, match=r"data.train_shards is given 3 times.*must be quoted"):
+        load_config(None, overrides)

@@ -9,7 +9,7 @@ import torch
 
 from mmpretrain.config import OptimConfig, ScheduleConfig
 from mmpretrain.models import TowerOptions, build_model, load_model_config
-from mmpretrain.train import build_optimizer, build_scheduler, lr_factor, param_groups
+from mmpretrain.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ from mmpretrain.data.text_objectives import text_batch
 from mmpretrain.data.tokenizer import Tokenizer
 from mmpretrain.losses import clip_loss, siglip_loss, token_loss
 from mmpretrain.models import TowerOptions, build_model, load_model_config
-from mmpretrain.train import accumulate_step, compute_losses
 from mmpretrain.train import step as step_module
-from mmpretrain.train.step import cache_features, set_rng_state
+from mmpretrain.train.step import accumulate_step, cache_features, compute_losses, set_rng_state
 
 F64 = torch.float64
 TEXTS = ["A red circle sits on a blue square. It looks calm.", "Two small stars. They shine brightly at night.",

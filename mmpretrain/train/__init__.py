@@ -1,7 +1,4 @@
-"""Training: optimizer and schedule, the loss weighting and exact-accumulation train step."""
+"""Training: config-driven trainer (trainer), the step and exact accumulation (step), optimizer and
+schedule (optim), checkpoints (checkpoint), run logging (runlog), curves (plot).
 
-from mmpretrain.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from mmpretrain.train.step import accumulate_step, compute_losses
-
-__all__ = ["accumulate_step", "build_optimizer", "build_scheduler", "compute_losses", "lr_factor",
-           "param_groups"]
+Nothing is imported here, so `import mmpretrain.train.plot` (the CLI) does not pull in torch."""

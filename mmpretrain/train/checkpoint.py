@@ -40,8 +40,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict[str, Any],
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if model is not None and accelerator.distributed_type == DistributedType.FSDP:
-        # FSDP's save_state writes pytorch_model_fsdp*.bin; eval and export read model.safetensors.
+    if model is not None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Their save_state writes their own layouts (pytorch_model_fsdp*.bin, DeepSpeed's engine
+        # folders); eval and export read model.safetensors, so the full weights are written too.
         state = accelerator.get_state_dict(model)  # collective: gathers the full state on the main process
         if accelerator.is_main_process:
             from safetensors.torch import save_file

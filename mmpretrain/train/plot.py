@@ -22,7 +22,7 @@ from mmpretrain.errors import UserError
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"  # the name mmpretrain.train.runlog writes
 DEFAULT_OUT = "curves.png"
-LOSS_ORDER = ("loss", "clip_loss", "siglip_loss", "mlm_loss", "ar_loss")  # the rest follow by name
+LOSS_ORDER = ("loss", "clip_loss", "mlm_loss", "ar_loss", "pair_loss")  # the rest follow by name
 
 
 @dataclass

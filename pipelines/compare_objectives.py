@@ -1,0 +1,248 @@
+"""The table and plot of pipelines/compare_objectives.sh: one row per training objective.
+
+    python pipelines/compare_objectives.py OUT NAME [NAME ...]
+
+reads, for each NAME, `OUT/NAME/{config.yaml, metrics.jsonl, retrieval.json, zeroshot.json, text.json}`
+and writes one markdown table (stdout and OUT/comparison.md) and one bar chart (OUT/comparison.png).
+A file that is missing leaves its columns as "—" (the contrastive-only run has no text.json).
+
+Torch-free on purpose (mmpretrain.train.plot would import torch through mmpretrain.train): the
+comparison of finished runs takes a second, not the ten a torch import costs on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DASH = "—"
+LOSS_PARTS = (("clip_loss", "clip"), ("mlm_loss", "mlm"), ("ar_loss", "ar"), ("pair_loss", "pair"))
+
+
+@dataclass
+class Row:
+    name: str
+    objective: str
+    steps: int | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    """The last train line's loss parts, by short name (clip, mlm, ar, pair)."""
+    t2i_r1: float | None = None
+    i2t_r1: float | None = None
+    zeroshot_top1: float | None = None
+    mlm_accuracy: float | None = None
+    ar_perplexity: float | None = None
+    samples_per_s: float | None = None
+    missing: list[str] = field(default_factory=list)
+
+
+# Bar panels: (title, Row attribute, shown as a percentage, higher is better).
+METRICS = (
+    ("final contrastive loss", "clip_loss", False, False),
+    ("text→image R@1", "t2i_r1", True, True),
+    ("image→text R@1", "i2t_r1", True, True),
+    ("zero-shot top-1", "zeroshot_top1", True, True),
+    ("MLM accuracy", "mlm_accuracy", True, True),
+    ("AR perplexity", "ar_perplexity", False, False),
+    ("samples/s", "samples_per_s", False, True),
+)
+
+
+def objective_label(config: dict | None, fallback: str) -> str:
+    """"contrastive", "+MLM", "+AR", "+MLM+AR", "+MLM+AR+SOP" from the run's resolved model section."""
+    if not config:
+        return fallback
+    model = config.get("model", {})
+    parts = [tag for key, tag in (("mlm", "MLM"), ("ar", "AR")) if model.get(key)]
+    if model.get("sentence_pair"):
+        parts.append(str(model["sentence_pair"]).upper())
+    return "contrastive" if not parts else "+" + "+".join(parts)
+
+
+def read_train_lines(path: Path) -> list[dict]:
+    """The `"kind": "train"` lines of a metrics.jsonl, in step order; a resumed run's repeated step
+    keeps its later line and a line cut short by a kill is skipped (as `mmpretrain plot` does)."""
+    by_step: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "train" and isinstance(rec.get("step"), int):
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _number(value) -> float | None:
+    """Finite numbers only; runlog writes non-finite floats as the strings "nan"/"inf"."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _metrics(path: Path, row: Row) -> dict:
+    if not path.is_file():
+        row.missing.append(path.name)
+        return {}
+    return json.loads(path.read_text(encoding="utf-8")).get("metrics", {})
+
+
+def collect(out: Path, name: str) -> Row:
+    run = out / name
+    config_path = run / "config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    row = Row(name=name, objective=objective_label(config, name))
+    metrics_path = run / "metrics.jsonl"
+    train = read_train_lines(metrics_path) if metrics_path.is_file() else []
+    if not train:
+        row.missing.append("metrics.jsonl")
+    else:
+        last = train[-1]
+        row.steps = last["step"]
+        row.losses = {short: v for key, short in LOSS_PARTS if (v := _number(last.get(key))) is not None}
+        # The first logged step carries start-up costs (worker start, first compile): left out when
+        # there are later ones; the median resists a step that shared the machine with something else.
+        speeds = [v for rec in train[1:] or train if (v := _number(rec.get("samples_per_s"))) is not None]
+        row.samples_per_s = statistics.median(speeds) if speeds else None
+    retrieval = _metrics(run / "retrieval.json", row)
+    row.t2i_r1 = _number(retrieval.get("text_to_image_R@1"))
+    row.i2t_r1 = _number(retrieval.get("image_to_text_R@1"))
+    row.zeroshot_top1 = _number(_metrics(run / "zeroshot.json", row).get("acc1"))
+    text_path = run / "text.json"
+    text = _metrics(text_path, row) if text_path.is_file() else {}  # no text heads: no text.json, not an error
+    row.mlm_accuracy = _number(text.get("mlm_accuracy"))
+    row.ar_perplexity = _number(text.get("ar_perplexity"))
+    return row
+
+
+def value(row: Row, attr: str) -> float | None:
+    return row.losses.get("clip") if attr == "clip_loss" else getattr(row, attr)
+
+
+# -- the table -------------------------------------------------------------------------------------
+def _pct(v: float | None) -> str:
+    return DASH if v is None else f"{100 * v:.1f} %"
+
+
+def _num(v: float | None, digits: int) -> str:
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    headers = ["objective", "final train loss parts", "text→image R@1", "image→text R@1", "zero-shot top-1",
+               "MLM accuracy", "AR perplexity", "samples/s"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for r in rows:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in r.losses.items()) or DASH
+        cells = [r.objective, losses, _pct(r.t2i_r1), _pct(r.i2t_r1), _pct(r.zeroshot_top1),
+                 _pct(r.mlm_accuracy), _num(r.ar_perplexity, 1), _num(r.samples_per_s, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def footnote(rows: list[Row]) -> str:
+    steps = sorted({r.steps for r in rows if r.steps is not None})
+    note = f"{'/'.join(map(str, steps)) or '?'} steps per run; R@1 and top-1 on held-out shards; " \
+           "samples/s: image-text pairs, median over logged steps after the first; — : not measured " \
+           "(no such head, or the file is missing)."
+    gaps = [f"{r.name}: no {', '.join(r.missing)}" for r in rows if r.missing and r.missing != ["text.json"]]
+    return note + ("\n\nMissing: " + "; ".join(gaps) + "." if gaps else "")
+
+
+# -- the plot --------------------------------------------------------------------------------------
+def draw(rows: list[Row]):
+    """One panel per metric, one bar per objective (same colour in every panel), values on the bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    cols = 4
+    nrows = math.ceil(len(METRICS) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * nrows + 0.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    steps = sorted({r.steps for r in rows if r.steps is not None})
+    fig.suptitle(f"Objectives compared — {'/'.join(map(str, steps)) or '?'} steps each", fontsize=13)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax in axes[len(METRICS):]:
+        ax.set_visible(False)
+    colors = [f"C{i}" for i in range(len(rows))]
+    x = list(range(len(rows)))
+    for ax, (title, attr, pct, higher) in zip(axes, METRICS):
+        vals = [value(r, attr) for r in rows]
+        scale = 100.0 if pct else 1.0
+        shown = [0.0 if v is None else v * scale for v in vals]
+        bars = ax.bar(x, shown, color=colors)
+        top = max(shown, default=0.0) or 1.0
+        for bar, v in zip(bars, vals):
+            label = DASH if v is None else _bar_label(v * scale, pct)
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, top * 1.18)
+        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=10)
+        ax.set_ylabel("%" if pct else "")
+        ax.set_xticks(x, [r.objective for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.legend(handles=[Patch(color=c, label=r.objective) for c, r in zip(colors, rows)],
+               loc="outside lower center", ncol=len(rows), fontsize=9)
+    return fig
+
+
+def _bar_label(v: float, pct: bool) -> str:
+    """Enough digits to tell close objectives apart (losses 3.504 vs 3.509), no more."""
+    if pct or abs(v) >= 10:
+        return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{v:.3f}"
+
+
+def save_atomic(fig, out: Path) -> None:
+    """Written under a temporary name in the same folder and renamed: a reader never sees half a PNG."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(text: str, out: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+
+
+def compare(out: Path, names: list[str]) -> str:
+    """Collect the runs, write OUT/comparison.md and OUT/comparison.png; returns the markdown."""
+    rows = [collect(out, name) for name in names]
+    text = markdown_table(rows) + "\n\n" + footnote(rows) + "\n"
+    write_text_atomic(text, out / "comparison.md")
+    save_atomic(draw(rows), out / "comparison.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="the folder holding one run directory per objective")
+    p.add_argument("names", nargs="+", help="run directory names under OUT, in table order")
+    args = p.parse_args(argv)
+    absent = [n for n in args.names if not (args.out / n).is_dir()]
+    if absent:
+        print(f"compare_objectives: no run folder {', '.join(str(args.out / n) for n in absent)}", file=sys.stderr)
+        return 2
+    print(compare(args.out, args.names), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

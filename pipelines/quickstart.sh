@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The mmpretrain quickstart — what `make demo` runs, readable as a tutorial.
+#
+#   pipelines/quickstart.sh [DEMO_DIR]        (default demo_run; needs the package installed: `make install`)
+#
+# 1. draw a small procedural image–caption collection and a text corpus (no download),
+# 2. turn both into WebDataset shards with `mmpretrain prepare` (train/ and val/ split by content hash),
+# 3. train the tiny multitask model (InfoNCE + masked-LM + next-token) with `accelerate launch`:
+#    2 gloo processes on CPU, or one process per GPU when there are GPUs,
+# 4. evaluate on the held-out split: image<->text retrieval, zero-shot classification, text metrics,
+# 5. draw the report PNGs and the training curves.
+# About 7 minutes on 2 CPU cores after the install; the README states the numbers it reaches.
+set -euo pipefail
+
+DEMO=${1:-${DEMO:-demo_run}}
+BIN=${BIN:-.venv/bin}                    # where `make install` put mmpretrain and accelerate
+STEPS=${STEPS:-}                         # e.g. STEPS=50 for a quicker look (the config says 200)
+RUN=$DEMO/run
+export PATH="$BIN:$PATH"
+
+echo "== 1. demo data -> $DEMO/raw"
+mmpretrain demo-data --out "$DEMO/raw" > /dev/null
+
+echo "== 2. shards: image-text (a caption folder and a CSV manifest with labels) and text-only"
+mmpretrain prepare "$DEMO/raw/folder" "$DEMO/raw/manifest.csv" --out shards/demo --image-size 64 \
+    --workers 2 --val-fraction 0.05 --shard-size 500 --no-progress
+mmpretrain prepare "$DEMO/raw/corpus.txt" --text-only --out shards/demo-text --val-fraction 0.05 \
+    --shard-size 500 --no-progress
+mmpretrain inspect shards/demo --grid "$DEMO/contact.png" > /dev/null
+
+echo "== 3. train the tiny model (configs/train/tiny.yaml) -> $RUN"
+if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+    LAUNCH=(accelerate launch --num_processes "$(nvidia-smi -L | wc -l)" --multi_gpu)
+    [ "$(nvidia-smi -L | wc -l)" = 1 ] && LAUNCH=(accelerate launch --config_file configs/accelerate/1gpu.yaml)
+else
+    LAUNCH=(accelerate launch --config_file configs/accelerate/cpu-2proc.yaml)
+fi
+rm -rf "$RUN"                            # a fresh run each time (to continue one instead: train.resume=latest)
+"${LAUNCH[@]}" -m mmpretrain.train --config configs/train/tiny.yaml train.output_dir="$RUN" \
+    eval.classnames="$DEMO/raw/classes.txt" ${STEPS:+train.steps=$STEPS}
+
+echo "== 4. evaluate on held-out data"
+mmpretrain eval retrieval --checkpoint "$RUN" --shards shards/demo/val --no-progress \
+    --out "$DEMO/retrieval.json" --report "$DEMO/retrieval.png"
+mmpretrain eval zeroshot --checkpoint "$RUN" --shards shards/demo/val --no-progress \
+    --classnames "$DEMO/raw/classes.txt" --out "$DEMO/zeroshot.json" --report "$DEMO/zeroshot.png"
+mmpretrain eval text --checkpoint "$RUN" --shards shards/demo-text/val --no-progress --out "$DEMO/text.json"
+
+echo "== 5. curves and summary"
+mmpretrain plot "$RUN" --out "$DEMO/curves.png"
+"$BIN/python" pipelines/demo_summary.py "$DEMO"
