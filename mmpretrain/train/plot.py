@@ -122,7 +122,7 @@ def plan_panels(metrics: Metrics) -> list[Panel]:
                             right_label="logit scale (exp)" if both else ""))
 
     perplexity = [k for k in eval_keys if "perplexity" in k]
-    fractions = [k for k in eval_keys if k not in perplexity
+    fractions = [k for k in eval_keys if k not in perplexity and not _is_count(k)
                  and all(0.0 <= row[k] <= 1.0 for row in evals.values() if k in row and math.isfinite(row[k]))]
     if fractions:
         panels.append(Panel("evaluation", "recall / accuracy", _eval_series(evals, fractions)))
@@ -142,6 +142,12 @@ def plan_panels(metrics: Metrics) -> list[Panel]:
 
 
 TOP_K = re.compile(r"(R@|acc)(\d+)$")  # retrieval/text_to_image_R@5, zeroshot/acc1
+
+
+def _is_count(key: str) -> bool:
+    """Counts logged beside the metrics (num_images, mlm_tokens, unlabelled): not rates, not plotted."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith("num_") or name.endswith("_tokens") or name == "unlabelled"
 
 
 def _eval_label(key: str) -> str:
