@@ -217,19 +217,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def _check_repeats(overrides: Sequence[str]) -> None:
-    """A key given twice is an error, not "the last one wins": an unquoted brace pattern
+    """A list-valued key (shard patterns) given twice is an error: an unquoted brace pattern
     (data.train_shards=a/{000..009}.tar) is expanded by the shell into one override per shard, and
-    only the last shard would be trained on."""
+    "the last one wins" would train on the last shard only. Other keys: the last one wins."""
     counts: dict[str, int] = {}
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         counts[key] = counts.get(key, 0) + 1
-    repeated = {k: n for k, n in counts.items() if n > 1}
-    if repeated:
-        key, n = next(iter(repeated.items()))
-        raise UserError(f"{COMMAND_LINE}: {key} is given {n} times; give each key once (a brace pattern must "
-                        "be quoted, e.g. data.train_shards='a/{000..009}.tar', or the shell expands it into "
-                        "one argument per file)")
+    for key, n in counts.items():
+        if n > 1 and _is_list_field(key):
+            raise UserError(f"{COMMAND_LINE}: {key} is given {n} times; give it once (a brace pattern must be "
+                            f"quoted, e.g. {key}='a/{{000..009}}.tar', or the shell expands it into one "
+                            "argument per file)")
+
+
+def _is_list_field(key: str) -> bool:
+    cls: Any = Config
+    for part in key.split("."):
+        hint = _hints(cls).get(part) if is_dataclass(cls) else None
+        if hint is None:
+            return False
+        cls = hint
+    return get_origin(cls) is list or any(get_origin(a) is list for a in get_args(cls))
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> Config:

@@ -285,3 +285,5 @@ def test_a_key_given_twice_is_an_error_naming_the_shell_expansion():
     overrides = [f"data.train_shards=/d/{i:03d}.tar" for i in range(3)]
     with pytest.raises(UserError, match=r"data.train_shards is given 3 times.*must be quoted"):
         load_config(None, overrides)
+    # a scalar key repeated: the last one wins (scripts append overrides to a base list)
+    assert load_config(None, ["train.steps=3", "train.steps=5"]).train.steps == 5
