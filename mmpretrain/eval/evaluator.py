@@ -78,6 +78,7 @@ class Evaluator:
         size = model_config["vision_cfg"].get("image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.tokenizer = Tokenizer(context_length=model_config["text_cfg"].get("context_length", 77))
+        self.embed_dim = model_config["embed_dim"]  # for the (0, d) results of a process with no samples
 
     @property
     def is_main(self) -> bool:
@@ -173,8 +174,7 @@ class Evaluator:
                 counts += [len(caps) for caps in batch["all_captions"]]
                 meta["captions"] += captions
                 text_parts.append(self.encode_texts(captions))
-        width = self.model.tower.text_projection.shape[-1] if not images else images[0].shape[1]
-        local_image = torch.cat(images) if images else torch.empty(0, width)
+        local_image = torch.cat(images) if images else torch.empty(0, self.embed_dim)
         local_text = torch.cat(text_parts) if text_parts else torch.empty(0, local_image.shape[1])
         return self._assemble(local_image, local_text if texts else None, counts, meta, loader.skipped)
 
@@ -187,8 +187,7 @@ class Evaluator:
             with self.autocast():
                 emb = self.model.encode_text(tokens.ids.to(self.device), tokens.eot_index.to(self.device))
             parts.append(emb.float().cpu())
-        dim = self.model.tower.text_projection.shape[-1]
-        return torch.cat(parts) if parts else torch.empty(0, dim)
+        return torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
 
     def caption_groups(self, emb: Embeddings):
         """Captions grouped by image: samples whose images hash equal are one image."""
