@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from mmpretrain.fileio import atomic_open, atomic_write
 
 DASH = "—"
 LOSS_PARTS = (("clip_loss", "clip"), ("mlm_loss", "mlm"), ("ar_loss", "ar"), ("pair_loss", "pair"))
@@ -200,34 +200,13 @@ def _bar_label(v: float, pct: bool) -> str:
     return f"{v:.3f}"
 
 
-def save_atomic(fig, out: Path) -> None:
-    """Written under a temporary name in the same folder and renamed: a reader never sees half a PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(text: str, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-
-
 def compare(out: Path, names: list[str]) -> str:
     """Collect the runs, write OUT/comparison.md and OUT/comparison.png; returns the markdown."""
     rows = [collect(out, name) for name in names]
     text = markdown_table(rows) + "\n\n" + footnote(rows) + "\n"
-    write_text_atomic(text, out / "comparison.md")
-    save_atomic(draw(rows), out / "comparison.png")
+    atomic_write(out / "comparison.md", text)
+    with atomic_open(out / "comparison.png") as fh:  # a reader never sees half a PNG
+        draw(rows).savefig(fh, format="png")
     return text
 
 

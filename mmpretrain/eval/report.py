@@ -6,7 +6,6 @@ Ctrl-C never leaves a half-written report at the requested path.
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from mmpretrain.eval.retrieval import (
     positive_ranks,
     top_k,
 )
+from mmpretrain.fileio import atomic_open
 
 THUMB = 128  # px, square cell of a retrieved image
 PAD = 16
@@ -213,11 +213,6 @@ def _class_section(class_accuracy: Mapping[str, float | None], font, bold) -> Im
 
 
 def _save_atomic(sheet: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as fh:
+        sheet.save(fh, format="PNG")
     return path

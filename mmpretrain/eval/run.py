@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from mmpretrain.eval.report import render_report, retrieval_examples
 from mmpretrain.eval.retrieval import EvalInputError
 from mmpretrain.eval.templates import DEFAULT_TEMPLATES
 from mmpretrain.eval.zeroshot import classnames_from_shards, load_classnames, load_templates
+from mmpretrain.fileio import atomic_write
 
 TASKS = ("retrieval", "zeroshot", "text")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -180,21 +180,10 @@ def _name_classes(metrics: dict[str, Any], classnames: list[str]) -> dict[str, A
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=_jsonable)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value):
-    if isinstance(value, float):
-        return value
     if hasattr(value, "tolist"):
         return value.tolist()
     return asdict(value) if hasattr(value, "__dataclass_fields__") else str(value)

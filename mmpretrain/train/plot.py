@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpretrain.errors import UserError
+from mmpretrain.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"  # the name mmpretrain.train.runlog writes
@@ -248,16 +247,8 @@ def _save(fig, out: Path) -> None:
     if fmt not in fig.canvas.get_supported_filetypes():
         raise UserError(f"{out}: cannot write .{fmt}; use one of "
                         + ", ".join(f".{k}" for k in sorted(fig.canvas.get_supported_filetypes())))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out) as fh:
+        fig.savefig(fh, format=fmt)
 
 
 # -- command line (wired into mmpretrain.cli) ------------------------------------------------------

@@ -9,19 +9,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmpretrain.fileio import atomic_write  # noqa: F401 (prepare's modules import it from here)
+
 # Fixed tar member mtime: the same samples give the same bytes on every run and machine.
 TAR_MTIME = 0
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def tar_bytes(members: dict[str, bytes]) -> int:
