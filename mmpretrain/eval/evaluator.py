@@ -173,7 +173,10 @@ class Evaluator:
                 captions = [c for caps in batch["all_captions"] for c in caps]
                 counts += [len(caps) for caps in batch["all_captions"]]
                 meta["captions"] += captions
-                text_parts.append(self.encode_texts(captions))
+                if captions == batch["captions"]:  # one caption per sample: the loader's workers tokenized it
+                    text_parts.append(self._encode_tokens(batch["tokens"], batch["eot_index"]))
+                else:
+                    text_parts.append(self.encode_texts(captions))
         local_image = torch.cat(images) if images else torch.empty(0, self.embed_dim)
         local_text = torch.cat(text_parts) if text_parts else torch.empty(0, local_image.shape[1])
         return self._assemble(local_image, local_text if texts else None, counts, meta, loader.skipped)
@@ -181,11 +184,16 @@ class Evaluator:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """(n, d) normalised CLIP text embeddings, float32 on the CPU, in batches."""
+        tokens = self.tokenizer.encode(list(texts))
+        return self._encode_tokens(tokens.ids, tokens.eot_index)
+
+    @torch.no_grad()
+    def _encode_tokens(self, ids: Tensor, eot_index: Tensor) -> Tensor:
         parts = []
-        for start in range(0, len(texts), self.settings.batch_size):
-            tokens = self.tokenizer.encode(list(texts[start:start + self.settings.batch_size]))
+        for start in range(0, len(ids), self.settings.batch_size):
+            stop = start + self.settings.batch_size
             with self.autocast():
-                emb = self.model.encode_text(tokens.ids.to(self.device), tokens.eot_index.to(self.device))
+                emb = self.model.encode_text(ids[start:stop].to(self.device), eot_index[start:stop].to(self.device))
             parts.append(emb.float().cpu())
         return torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
 

@@ -186,12 +186,13 @@ class Trainer:
                      for i in range(k)]
             metrics = self.train_step(micro)
             elapsed = time.perf_counter() - started
-            metrics.update(self._throughput(loaders, per_step, elapsed, waited))
             last = self.step == cfg.train.steps
             if self.step % cfg.logging.log_every == 0 or last:
+                # timing and skip counts cross processes on logged steps only: no extra collective per step
+                metrics.update(self._throughput(loaders, per_step, elapsed, waited))
                 log.write("train", self.step, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{per_step / max(elapsed, 1e-9):.0f}")
             if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0) or last:
                 save_checkpoint(acc, cfg.train.output_dir, self.step, self._meta(), loaders,
                                 cfg.train.keep_checkpoints, self.model)
