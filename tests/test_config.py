@@ -96,7 +96,7 @@ def test_unknown_keys_name_the_dotted_key_and_suggest(override, expected):
 def test_unknown_key_in_file_names_the_file(tmp_path):
     path = write(tmp_path, "optim:\n  learning_rate: 0.1\n")
     assert error(path) == f"{path}: unknown key 'optim.learning_rate'; valid keys: lr, weight_decay, beta1, " \
-                          "beta2, eps, grad_clip"
+                          "beta2, eps, grad_clip, fused"
 
 
 @pytest.mark.parametrize("override, expected", [

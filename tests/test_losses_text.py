@@ -50,6 +50,24 @@ def test_chunked_equals_unchunked(chunk_size, bias):
     assert not out["accuracy"].requires_grad and not out["tokens"].requires_grad
 
 
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+def test_accuracy_follows_argmax_ties_included(chunk_size):
+    """Counted as argmax == label, argmax's first-index rule deciding ties: a label tied with an
+    earlier maximum is wrong, one that is the first maximum is right, right labels in every row too."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(VOCAB, DIM, generator=g, dtype=F64)
+    weight[7] = weight[3]  # tokens 3 and 7 always have equal logits
+    hidden = 4 * weight[3] + 0.01 * torch.randn(12, DIM, generator=g, dtype=F64)  # 3 and 7 the maximum
+    logits = hidden @ weight.T
+    assert (logits.argmax(1) == 3).all() and torch.equal(logits[:, 3], logits[:, 7])
+    labels = torch.tensor([3] * 5 + [7] * 4 + [0] * 3)
+    out = token_loss(hidden, weight, labels, chunk_size=chunk_size)
+    assert out["accuracy"].item() == pytest.approx(5 / 12)
+    right = token_loss(hidden, weight, logits.argmax(1), chunk_size=chunk_size)
+    assert right["accuracy"].item() == 1.0
+    torch.testing.assert_close(out["loss"], F.cross_entropy(logits, labels), rtol=1e-12, atol=1e-12)
+
+
 def test_num_tokens_sets_the_denominator():
     hidden, weight, b, labels = _inputs()
     loss, _, count = _reference(hidden, weight, b, labels)

@@ -12,7 +12,7 @@
    * bare: a second model built from the same config and seed, no accelerate:
      ``out = model(images, tokens, eot_index, text)``; loss = clip_loss + token_loss(mlm) +
      token_loss(ar) (mmpretrain.losses, the config's weights and chunk size); ``loss.backward()``;
-     ``clip_grad_norm_``; ``torch.optim.AdamW(param_groups(...))`` step; ``zero_grad``; clamp.
+     ``clip_grad_norm_``; ``build_optimizer`` (the same fused AdamW) step; ``zero_grad``; clamp.
 
    Both first run the same batch from the same weights and must give the same loss. Then, after
    --warmup steps each, --repeat blocks of --block steps alternate ours/bare (the order flips every
@@ -53,7 +53,7 @@ from mmpretrain.losses import clip_loss, token_loss
 from mmpretrain.models import build_model
 from mmpretrain.models.loading import image_size
 from mmpretrain.table import format_table
-from mmpretrain.train.optim import param_groups
+from mmpretrain.train.optim import build_optimizer
 from mmpretrain.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,9 +101,7 @@ class Bare:
         set_seed(cfg.train.seed)  # as Trainer does before building: the same initial weights
         self.cfg = cfg
         self.model = build_model(model_cfg, mlm=cfg.model.mlm, ar=cfg.model.ar)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
-                                           betas=(o.beta1, o.beta2), eps=o.eps)
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # the same AdamW (fused) as the trainer's
 
     def step(self, batch: dict) -> float:
         cfg, model = self.cfg.loss, self.model
