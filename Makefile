@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_run
 
-.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval bench-train bench-peer clean install
+.PHONY: demo test lint bench bench-prepare bench-loader bench-contrastive bench-retrieval bench-train bench-optim bench-peer clean install
 
 install: $(STAMP)
 
@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: bench-prepare bench-loader bench-contrastive bench-retrieval bench-train
+bench: bench-prepare bench-loader bench-contrastive bench-retrieval bench-train bench-optim
 
 bench-prepare: $(STAMP)
 	$(PY) pipelines/bench/prepare_throughput.py
@@ -42,6 +42,9 @@ bench-retrieval: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) pipelines/bench/train_throughput.py
+
+bench-optim: $(STAMP)
+	$(PY) pipelines/bench/optimizer_step.py
 
 # Not in `bench`: it builds its own environment for open_clip_train (.venv-peer, once).
 bench-peer: $(STAMP)

@@ -12,7 +12,9 @@ count (OMP_NUM_THREADS, --threads) and the same number of data workers (--worker
   so the comparison is of the trainers, not of the builds. The model config is registered with
   ``open_clip.add_model_config`` before ``main`` runs.
 * ours (text off): ``python -m mmpretrain.train --config configs/train/tiny.yaml`` with
-  ``model.mlm=false model.ar=false``: the contrastive loss only, as the peer trains.
+  ``model.mlm=false model.ar=false``: the contrastive loss only, as the peer trains. Our trainer's own
+  choices stay on (torch's fused AdamW, ``optim.fused``; the peer gets torch's default, a per-tensor loop
+  on CPU); ``--ours-extra KEY=VALUE ...`` adds overrides to both of our jobs.
 * ours (text on): the same with both text heads, MLM and AR batches made from the captions
   (``data.text_shards=[]``). Not judged: it shows what the text branch costs.
 
@@ -31,6 +33,7 @@ job crashes (its log tail is printed).
     make bench-peer
     .venv/bin/python pipelines/bench/peer_open_clip.py [--repeat 3 --steps 40 --workers 1 --threads 1]
     .venv/bin/python pipelines/bench/peer_open_clip.py --shards shards/demo     # reuse `make demo`'s shards
+    .venv/bin/python pipelines/bench/peer_open_clip.py --ours-extra optim.fused=false   # ours with torch's default AdamW
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import time
 from pathlib import Path
 
 from mmpretrain.config import load_config
+from mmpretrain.errors import UserError
 from mmpretrain.table import format_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +146,7 @@ def ours_overrides(args, tars: list[Path], run: Path, text: bool) -> list[str]:
             f"data.train_shards=['{tars[0].parent}']", "data.text_shards=[]", f"data.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}", "data.mode=resampled", "train.precision=fp32",
             f"train.steps={args.steps}", "train.checkpoint_every=0", f"train.output_dir={run}", "eval.every=0",
-            "logging.trackers=[]", "logging.log_every=1", "logging.progress=false"]
+            "logging.trackers=[]", "logging.log_every=1", "logging.progress=false", *args.ours_extra]
 
 
 def run_job(cmd: list[str], log: Path, env: dict) -> float:
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1500, help="demo images to prepare")
     p.add_argument("--image-size", type=int, default=64, help="demo image size (px)")
     p.add_argument("--shards", type=Path, help="reuse a prepare output folder (or its train/) instead of demo data")
+    p.add_argument("--ours-extra", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more overrides for both of our jobs, e.g. optim.fused=false (torch's default AdamW, as the peer)")
     p.add_argument("--peer-env", type=Path, default=ROOT / ".venv-peer", help="open_clip_train's environment")
     args = p.parse_args(argv)
     args.threads = args.threads or max(1, cores - args.workers)
@@ -256,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.config, args.model_config):
         if not path.exists():
             p.error(f"{path} not found")
+    try:  # a bad --ours-extra fails here, before any job runs
+        cfg = load_config(args.config, [f"model.name={args.model_config}", *args.ours_extra])
+    except UserError as err:
+        p.error(str(err))
     versions = ensure_peer_env(args.peer_env.resolve())
-    cfg = load_config(args.config, [f"model.name={args.model_config}"])
     work = Path(tempfile.mkdtemp(prefix="peer_bench_"))
     try:
         return _bench(args, cfg, versions, cores, work)
@@ -272,7 +281,8 @@ def _bench(args, cfg, versions: dict, cores: int, work: Path) -> int:
           f"model {args.model_config.name}, batch {args.batch_size}, fp32 CPU; lr {cfg.optim.lr}, wd "
           f"{cfg.optim.weight_decay}, warmup {cfg.schedule.warmup_steps}, grad clip {cfg.optim.grad_clip}; "
           f"{len(tars)} shards, {samples} samples ({tars[0].parent}); {args.steps} steps per job, steps "
-          f"{args.skip + 1}..{args.steps - args.tail} measured; {args.repeat} rounds\n"
+          f"{args.skip + 1}..{args.steps - args.tail} measured; {args.repeat} rounds"
+          f"{'; ours also with ' + ' '.join(args.ours_extra) if args.ours_extra else ''}\n"
           f"peer: open_clip_train {versions['open_clip_torch']}, torch {versions['torch']}, webdataset "
           f"{versions['webdataset']}, pandas {versions['pandas']}; ours: torch {ours['torch']}, open_clip "
           f"{ours['open_clip_torch']}, webdataset {ours['webdataset']}, accelerate {ours['accelerate']}; "
