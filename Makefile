@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
 	# uv resolves the regular torch/torchvision wheels (a CPU-only torch wheel breaks torchvision imports).
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set, every python start would
+	# otherwise compile torch & co. again (~20 s per process on 2 cores; tests and the demo start dozens).
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
