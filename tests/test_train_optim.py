@@ -91,6 +91,8 @@ def test_fused_only_where_torch_has_the_kernel():
     assert fused_supported([nn.Parameter(torch.zeros(3))])
     assert not fused_supported([nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3, device="meta"))])
     assert not fused_supported([])
+    assert not fused_supported([nn.Parameter(torch.zeros(3))], device="meta")  # the device training runs on
+    assert fused_supported([nn.Parameter(torch.zeros(3))], device=torch.device("cpu"))
 
 COSINE = dict(total_steps=110, warmup_steps=10, name="cosine", min_lr_ratio=0.1)
 

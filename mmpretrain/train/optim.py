@@ -40,24 +40,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def fused_supported(params: list[nn.Parameter]) -> bool:
-    """True when every parameter is a floating-point tensor on a device with torch's fused AdamW kernel."""
+def fused_supported(params: list[nn.Parameter], device: torch.device | str | None = None) -> bool:
+    """True when every parameter is floating point and torch has its fused AdamW kernel for `device`
+    (the device training will run on; default: where each parameter is now)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     devices = _get_fused_kernels_supported_devices()
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+    return bool(params) and all(
+        p.is_floating_point() and (torch.device(device).type if device is not None else p.device.type) in devices
+        for p in params)
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`: torch's fused kernel when `optim.fused` and the device has it, else
-    torch's default implementation (a per-tensor loop on CPU, foreach on CUDA).
+def build_optimizer(model: nn.Module, optim_cfg: OptimConfig,
+                    device: torch.device | str | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`: torch's fused kernel when `optim.fused` and torch has it for `device`
+    (where the model will train; the trainer builds the optimizer before accelerate moves the model),
+    else torch's default implementation (a per-tensor loop on CPU, foreach on CUDA).
 
     torch picks foreach/fused by itself only on CUDA, and never fused; on CPU its default loop runs ~10
     small ops per parameter tensor, so for a model whose 49k-row token embedding is most of its weights
-    the update alone was 48 ms of a ~170 ms step (fused: 8 ms; measured with configs/models/tiny.json).
+    the update alone was 48 ms of a ~170 ms step (fused: 8 ms; measured with configs/models/tiny.json,
+    see pipelines/bench/optimizer_step.py).
     """
     groups = param_groups(model, optim_cfg.weight_decay)
-    fused = optim_cfg.fused and fused_supported([p for g in groups for p in g["params"]])
+    fused = optim_cfg.fused and fused_supported([p for g in groups for p in g["params"]], device)
     return torch.optim.AdamW(
         groups,
         lr=optim_cfg.lr,

@@ -82,7 +82,7 @@ class Trainer:
         if cfg.model.pretrained:
             load_open_clip_weights(model.tower, cfg.model.pretrained)
             model.clamp_logit_scale_()
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, acc.device)
         # Not prepared by accelerate: its scheduler wrapper steps once per process per call; ours counts
         # optimizer steps. Registered so that save_state/load_state keep its position.
         self.scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
