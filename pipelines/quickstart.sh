@@ -9,7 +9,7 @@
 #    2 gloo processes on CPU, or one process per GPU when there are GPUs,
 # 4. evaluate on the held-out split: image<->text retrieval, zero-shot classification, text metrics,
 # 5. draw the report PNGs and the training curves.
-# About 7 minutes on 2 CPU cores after the install (measured 7 min 3 s); the README states the numbers it reaches.
+# About 5 minutes on 2 CPU cores after the install (measured 5 min 15 s); the README states the numbers it reaches.
 set -euo pipefail
 
 DEMO=${1:-${DEMO:-demo_run}}
