@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mmpretrain.data import demo
-from mmpretrain.data.demo import CLASSES, COLORS, generate_demo_data
 from mmpretrain.errors import UserError
+from mmpretrain.prepare import demo
+from mmpretrain.prepare.demo import CLASSES, COLORS, generate_demo_data
 
 HEADER = "image,caption,label,shape,color,count"
 # English plurals written out here, not taken from the module, so a grammar bug cannot hide itself.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mmpretrain.cli import main
 from mmpretrain.config import load_config
-from mmpretrain.data.demo import generate_demo_data
+from mmpretrain.prepare.demo import generate_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60

@@ -22,15 +22,17 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_eval_retrieval import _reference_metrics
 
+from mmpretrain.checkpoint.load import load_model
+from mmpretrain.checkpoint.meta import checkpoint_meta
 from mmpretrain.cli import main
-from mmpretrain.data.masking import IGNORE_INDEX, MaskingConfig
 from mmpretrain.data.plan import derive_seed
-from mmpretrain.data.text_objectives import text_batch
+from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
+from mmpretrain.data.text.objectives import text_batch
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.eval.evaluator import EvalSettings, Evaluator
 from mmpretrain.eval.run import EvalRequest, run_eval
 from mmpretrain.models import build_model, load_model_config
-from mmpretrain.models.loading import Heads, checkpoint_meta, load_model
+from mmpretrain.models.heads import Heads
 
 CLASSES = ["alpha", "beta", "gamma", "delta"]
 DUPLICATE_OF = {5: 2, 12: 2}  # sample -> sample whose image bytes it repeats (one image, two captions)

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mmpretrain.data.prepare import fetch as fetch_module
-from mmpretrain.data.prepare.fetch import FetchOptions, fetch, ordered_map, thread_session
 from mmpretrain.errors import SampleError
+from mmpretrain.prepare import fetch as fetch_module
+from mmpretrain.prepare.fetch import FetchOptions, fetch, ordered_map, thread_session
 
 IMAGE = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40 + b"\xff\xd9"  # JPEG-framed, 10 246 bytes
 FAST = FetchOptions(timeout=2.0, retries=2, backoff=0.0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmpretrain.data.inspect import CAPTION_LINES, COLUMNS, LINE_HEIGHT, PAD, THUMB, inspect_shards
 from mmpretrain.errors import UserError
+from mmpretrain.shards.inspect import CAPTION_LINES, COLUMNS, LINE_HEIGHT, PAD, THUMB, inspect_shards
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], mode: str = "w") -> Path:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from mmpretrain.data.masking import (
+from mmpretrain.data.text.masking import (
     IGNORE_INDEX,
     MaskingConfig,
     ar_targets,
@@ -13,7 +13,7 @@ from mmpretrain.data.masking import (
     maskable,
     select_units,
 )
-from mmpretrain.data.tokenizer import TokenBatch, Tokenizer
+from mmpretrain.data.text.tokenizer import TokenBatch, Tokenizer
 
 # Mix of one-piece words and words BPE splits into several pieces (aard|var|k, inde|scri|bab|ly, ...).
 WORDS = ("a photo of the dog cat sitting on red blue green car street people near beach sunset with "

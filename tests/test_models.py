@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.data.masking import IGNORE_INDEX, MaskingConfig
-from mmpretrain.data.text_objectives import text_batch
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
+from mmpretrain.data.text.objectives import text_batch
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.errors import UserError
 from mmpretrain.losses import clip_loss, siglip_loss, token_loss
 from mmpretrain.models import (

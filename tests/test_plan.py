@@ -14,7 +14,7 @@ from mmpretrain.data.plan import (
     shard_order,
     worker_block,
 )
-from mmpretrain.data.shardlist import Shard
+from mmpretrain.shards.resolve import Shard
 
 
 def _shards(sizes):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, JpegImagePlugin
 
-from mmpretrain.data.prepare.captions import clean_caption, clean_text, split_document
-from mmpretrain.data.prepare.images import ImageOptions, process_image
 from mmpretrain.errors import SampleError
+from mmpretrain.prepare.captions import clean_caption, clean_text, split_document
+from mmpretrain.prepare.images import ImageOptions, process_image
 
 BICUBIC = Image.Resampling.BICUBIC
 WHITE = (255, 255, 255)
@@ -512,7 +512,7 @@ def test_clean_text_fast_path_equals_ftfy():
 
     import ftfy
 
-    from mmpretrain.data.prepare.captions import clean_text
+    from mmpretrain.prepare.captions import clean_text
 
     rng = random.Random(0)
     alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r", "&amp;", "é", "Ã©", "\u201c"]

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from mmpretrain.cli import main
-from mmpretrain.data.prepare import pipeline
-from mmpretrain.data.prepare.writer import ShardSequence
+from mmpretrain.prepare import pipeline
+from mmpretrain.shards.writer import ShardSequence
 
 QUIET = ["--no-progress", "--image-size", "32"]
 
@@ -327,7 +327,7 @@ def _progressed(state: Path) -> bool:
 
 
 def test_tar_writer_bytes_equal_tarfile(tmp_path):
-    from mmpretrain.data.prepare.writer import TAR_MTIME, TarSampleWriter
+    from mmpretrain.shards.writer import TAR_MTIME, TarSampleWriter
 
     samples = [("000000001", {"jpg": b"x" * 1000, "txt": "café".encode(), "json": b"{}"}),
                ("000000002", {"txt": b""}), ("000000003", {"cls": b"7" * 512})]

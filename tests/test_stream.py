@@ -15,12 +15,12 @@ from PIL import Image
 
 from mmpretrain.data import loader as loader_mod
 from mmpretrain.data.loader import TextBranch, image_text_loader, text_loader
-from mmpretrain.data.shardlist import ShardSource
 from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.tario import ShardError
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.errors import UserError
+from mmpretrain.shards.reader import ShardError
+from mmpretrain.shards.resolve import ShardSource
 
 TOKENIZER = Tokenizer(context_length=16)
 

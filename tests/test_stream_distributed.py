@@ -19,9 +19,9 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from accelerate import Accelerator
     from mmpretrain.data.loader import image_text_loader
-    from mmpretrain.data.shardlist import ShardSource
+    from mmpretrain.shards.resolve import ShardSource
     from mmpretrain.data.stream import StreamConfig
-    from mmpretrain.data.tokenizer import Tokenizer
+    from mmpretrain.data.text.tokenizer import Tokenizer
     from mmpretrain.data.transforms import image_transforms
 
     out = sys.argv[1]

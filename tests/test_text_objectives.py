@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mmpretrain.data.masking import IGNORE_INDEX, MaskingConfig
-from mmpretrain.data.text_objectives import make_sentence_pairs, split_document, split_sentences, text_batch
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
+from mmpretrain.data.text.objectives import make_sentence_pairs, split_document, split_sentences, text_batch
+from mmpretrain.data.text.tokenizer import Tokenizer
 
 
 def _documents(n: int) -> list[str]:

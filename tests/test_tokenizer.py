@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpretrain.data.tokenizer import Tokenizer, open_clip_tokenizer_module, truncate_pair
+from mmpretrain.data.text.tokenizer import Tokenizer, open_clip_tokenizer_module, truncate_pair
 
 # open_clip's own tokenizer.py (loaded without open_clip/__init__, which imports torchvision + timm).
 OC = open_clip_tokenizer_module()

@@ -107,8 +107,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(shards, tmp_path, one
 
 
 def test_non_finite_loss_stops_and_the_last_checkpoint_stays_usable(shards, tmp_path, capsys):
+    from mmpretrain.checkpoint.load import load_model
     from mmpretrain.cli import main
-    from mmpretrain.models.loading import load_model
 
     images, text = shards
     args = _overrides(tmp_path, images, text, **{"train.steps": 2, "train.checkpoint_every": 2})
@@ -130,8 +130,8 @@ def test_non_finite_loss_stops_and_the_last_checkpoint_stays_usable(shards, tmp_
 def test_trainer_checkpoint_exports_to_open_clip_and_logs_to_tensorboard(shards, tmp_path):
     import open_clip
 
+    from mmpretrain.checkpoint.load import load_model
     from mmpretrain.models.export import export_model
-    from mmpretrain.models.loading import load_model
     from mmpretrain.train.trainer import Trainer
 
     images, text = shards
@@ -191,9 +191,9 @@ SCRIPT = textwrap.dedent(
 
 def global_batches(steps: int = 3, size: int = 8) -> list[dict]:
     """Fixed global image-text batches with their text-branch tensors (float32, CPU)."""
-    from mmpretrain.data.masking import MaskingConfig
-    from mmpretrain.data.text_objectives import text_batch
-    from mmpretrain.data.tokenizer import Tokenizer
+    from mmpretrain.data.text.masking import MaskingConfig
+    from mmpretrain.data.text.objectives import text_batch
+    from mmpretrain.data.text.tokenizer import Tokenizer
 
     tok = Tokenizer(context_length=32)
     out = []
@@ -264,7 +264,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(shards, tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
     assert sorted(p.name for p in (run / "checkpoints" / "step-00000002").glob("loader_*.json")) == [
         "loader_0.json", "loader_1.json"]
-    from mmpretrain.models.loading import load_model
+    from mmpretrain.checkpoint.load import load_model
 
     assert load_model(run).step == 2  # a DDP run's checkpoint loads for eval/export like a 1-process one
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

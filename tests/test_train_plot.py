@@ -9,8 +9,9 @@ import math
 import pytest
 from PIL import Image
 
+from mmpretrain.cli.plot import add_parser as add_plot_parser
 from mmpretrain.errors import UserError
-from mmpretrain.train.plot import add_plot_parser, plan_panels, plot_run, read_metrics
+from mmpretrain.train.plot import plan_panels, plot_run, read_metrics
 
 
 def _train(step: int, **extra) -> dict:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mmpretrain.config import LossConfig
-from mmpretrain.data.masking import MaskingConfig
-from mmpretrain.data.text_objectives import text_batch
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.masking import MaskingConfig
+from mmpretrain.data.text.objectives import text_batch
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.losses import clip_loss, siglip_loss, token_loss
 from mmpretrain.models import TowerOptions, build_model, load_model_config
 from mmpretrain.train import step as step_module

@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmpretrain.data.masking import MaskingConfig
 from mmpretrain.data.plan import derive_seed
-from mmpretrain.data.shardlist import resolve
 from mmpretrain.data.stream import Position, ShardStream, StreamConfig
-from mmpretrain.data.tario import iter_tar_samples
-from mmpretrain.data.text_objectives import text_batch
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.masking import MaskingConfig
+from mmpretrain.data.text.objectives import text_batch
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.errors import UserError
+from mmpretrain.shards.reader import iter_tar_samples
+from mmpretrain.shards.resolve import resolve
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PEEK_SAMPLES = 64  # how many samples of the first shard the up-front check reads

@@ -14,7 +14,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from mmpretrain.data.shardlist import Shard
+from mmpretrain.shards.resolve import Shard
 
 
 def derive_seed(*parts) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmpretrain.config import DataMode, choices
 from mmpretrain.data.plan import (
     WorkerPlan,
     batches_per_rank,
@@ -23,11 +24,10 @@ from mmpretrain.data.plan import (
     epoch_plan,
     worker_block,
 )
-from mmpretrain.data.shardlist import Shard, ShardSource
-from mmpretrain.data.tario import iter_tar_samples
 from mmpretrain.errors import UserError
+from mmpretrain.shards.reader import iter_tar_samples
+from mmpretrain.shards.resolve import Shard, ShardSource
 
-MODES = ("epoch", "resampled")
 # Resampled mode gives up when this many samples in a row were unusable (all shards bad).
 MAX_CONSECUTIVE_BAD = 100_000
 
@@ -58,8 +58,8 @@ class ShardStream(IterableDataset):
     items into a batch; it is the only part that knows about images or text."""
 
     def __init__(self, cfg: StreamConfig, shards: list[Shard], decoder, rank: int = 0, world: int = 1):
-        if cfg.mode not in MODES:
-            raise UserError(f"data mode must be one of {MODES}, got '{cfg.mode}'")
+        if cfg.mode not in choices(DataMode):
+            raise UserError(f"data mode must be one of {', '.join(choices(DataMode))}, got '{cfg.mode}'")
         self.cfg, self.shards, self.decoder, self.rank, self.world = cfg, shards, decoder, rank, world
         self.position = Position()
 

@@ -24,15 +24,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmpretrain.data.loader import TextBranch, image_text_loader, text_loader
-from mmpretrain.data.masking import IGNORE_INDEX, MaskingConfig
-from mmpretrain.data.shardlist import ShardSource
 from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.eval.retrieval import EvalInputError, group_captions, retrieval_metrics
 from mmpretrain.eval.text_metrics import TextMetrics, ar_counts, mlm_counts
 from mmpretrain.eval.zeroshot import class_embeddings, classification_metrics
-from mmpretrain.losses.distributed import all_gather_with_grad, gather_sizes, rank_and_world
+from mmpretrain.losses.collectives import all_gather_with_grad
+from mmpretrain.runtime import gather_objects, gather_sizes, rank_and_world
+from mmpretrain.shards.resolve import ShardSource
 
 LOGIT_CHUNK = 2048  # text positions decoded at a time: chunk x vocab logits, never B x L x vocab
 
@@ -208,7 +209,7 @@ class Evaluator:
         labels = self._gather_rows(torch.tensor(meta["labels"], dtype=torch.long))
         hashes, sources = self._gather_list(meta["hashes"]), self._gather_list(meta["sources"])
         all_skipped = Counter()
-        for part in self._gather_object(dict(skipped)):
+        for part in gather_objects(dict(skipped)):
             all_skipped.update(part)
         if not sources:
             raise EvalInputError(f"no usable samples in the shards (skipped: {dict(all_skipped) or 'none'})")
@@ -235,15 +236,8 @@ class Evaluator:
         with torch.no_grad():
             return all_gather_with_grad(moved, gather_sizes(len(moved), self.device)).cpu()
 
-    def _gather_object(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        parts = [None] * self.world
-        dist.all_gather_object(parts, obj)
-        return parts
-
     def _gather_list(self, items: list) -> list:
-        return [x for part in self._gather_object(items) for x in part]
+        return [x for part in gather_objects(items) for x in part]
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _stream(self, shards: Sequence[str]) -> StreamConfig:

@@ -18,17 +18,18 @@ import torch
 from PIL import Image
 
 import mmpretrain
+from mmpretrain.config import Precision, choices
 from mmpretrain.data.loader import IMAGE_KEYS
-from mmpretrain.data.tario import iter_tar_samples
 from mmpretrain.eval.evaluator import Embeddings, EvalSettings, Evaluator
 from mmpretrain.eval.report import render_report, retrieval_examples
 from mmpretrain.eval.retrieval import EvalInputError
 from mmpretrain.eval.templates import DEFAULT_TEMPLATES
 from mmpretrain.eval.zeroshot import classnames_from_shards, load_classnames, load_templates
 from mmpretrain.fileio import atomic_write
+from mmpretrain.runtime import make_accelerator
+from mmpretrain.shards.reader import iter_tar_samples
 
 TASKS = ("retrieval", "zeroshot", "text")
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class EvalRequest:
     checkpoint: str
     shards: list[str]
     model: str | None = None
-    """Architecture of an open_clip weights file (configs/models name, .json, or open_clip name)."""
+    """Architecture of an open_clip weights file (shipped model name, .json, or open_clip name)."""
     out: str | None = None
     """JSON file for the full result."""
     report: str | None = None
@@ -52,13 +53,11 @@ class EvalRequest:
 
 
 def run_eval(req: EvalRequest) -> dict[str, Any] | None:
-    from accelerate import Accelerator
-
-    from mmpretrain.models.loading import load_model
+    from mmpretrain.checkpoint.load import load_model
 
     _check_request(req)
     started = time.time()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISIONS[req.precision])
+    accelerator = make_accelerator(req.precision)
     loaded = load_model(req.checkpoint, req.model)
     if req.task == "text" and not (loaded.heads.mlm or loaded.heads.ar):
         raise EvalInputError(f"eval text: {req.checkpoint} has no text heads ({_no_heads_reason(loaded.kind)}); "
@@ -105,8 +104,8 @@ def _check_request(req: EvalRequest) -> None:
     """Fail before any model or data work on arguments that cannot work."""
     if req.task not in TASKS:
         raise EvalInputError(f"unknown evaluation {req.task!r}; choose one of {', '.join(TASKS)}")
-    if req.precision not in PRECISIONS:
-        raise EvalInputError(f"--precision {req.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if req.precision not in choices(Precision):
+        raise EvalInputError(f"--precision {req.precision!r}: choose one of {', '.join(choices(Precision))}")
     if req.report and req.task == "text":
         raise EvalInputError("--report draws retrieval examples or per-class accuracy; eval text has none")
     if req.report and not req.report.lower().endswith(".png"):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpretrain.data.masking import IGNORE_INDEX
+from mmpretrain.data.text.masking import IGNORE_INDEX
 from mmpretrain.eval.retrieval import EvalInputError
 
 
@@ -32,7 +32,7 @@ def ar_counts(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) 
     """(summed NLL in nats, predicted tokens) of one AR batch.
 
     labels (B, L) are already shifted (labels[:, i] is the token after position i, as
-    mmpretrain.data.masking.ar_targets makes them); logits (B, L, V) are at the same positions.
+    mmpretrain.data.text.masking.ar_targets makes them); logits (B, L, V) are at the same positions.
     """
     mask = labels != ignore_index  # (B, L)
     picked = logits[mask]  # (n, V)

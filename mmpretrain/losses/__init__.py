@@ -2,9 +2,10 @@
 metrics). Distributed runs need nothing from the caller: features are gathered with gradient and
 token counts summed over ranks inside each loss."""
 
+from mmpretrain.losses.collectives import all_gather_with_grad
 from mmpretrain.losses.contrastive import clip_loss
-from mmpretrain.losses.distributed import all_gather_with_grad, rank_and_world
 from mmpretrain.losses.siglip import siglip_loss
 from mmpretrain.losses.text import token_loss
+from mmpretrain.runtime import rank_and_world
 
 __all__ = ["all_gather_with_grad", "clip_loss", "rank_and_world", "siglip_loss", "token_loss"]

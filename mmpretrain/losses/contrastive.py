@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpretrain.losses.distributed import all_gather_with_grad, gather_sizes, rank_and_world
+from mmpretrain.losses.collectives import all_gather_with_grad
 from mmpretrain.losses.tiled import tiled_info_nce
+from mmpretrain.runtime import gather_sizes, rank_and_world
 
 DEFAULT_TILE_SIZE = 1024
 """A `tile_size` for clip_loss that meets pipelines/bench/contrastive_memory.py's targets."""

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpretrain.losses.collectives import all_gather_with_grad
 from mmpretrain.losses.contrastive import as_scalar, check_pairs, compute_dtype
-from mmpretrain.losses.distributed import all_gather_with_grad, gather_sizes, rank_and_world
+from mmpretrain.runtime import gather_sizes, rank_and_world
 
 
 def siglip_loss(

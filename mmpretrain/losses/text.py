@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmpretrain.data.masking import IGNORE_INDEX
+from mmpretrain.data.text.masking import IGNORE_INDEX
 from mmpretrain.losses.contrastive import compute_dtype
-from mmpretrain.losses.distributed import all_reduce_sum, rank_and_world
+from mmpretrain.runtime import all_reduce_sum, rank_and_world
 
 
 class _ChunkedTokenCE(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Export a model to open_clip's `local-dir:` layout, text heads and tokenizer details beside it.
 
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads the dual tower from the two open_clip
-files and ignores ours; `mmpretrain.models.loading.load_model(DIR)` loads all of it. The directory
+files and ignores ours; `mmpretrain.checkpoint.load.load_model(DIR)` loads all of it. The directory
 is assembled under a temporary name and renamed into place, so a crash never leaves half an export.
 """
 
@@ -15,15 +15,15 @@ from typing import Any
 
 import mmpretrain
 from mmpretrain.errors import UserError
-from mmpretrain.models.loading import (
-    HEADS_META,
-    HEADS_WEIGHTS,
-    OPEN_CLIP_CONFIG,
-    OPEN_CLIP_WEIGHTS,
-    TOKENIZER_META,
-    Heads,
-    image_size,
-)
+from mmpretrain.models.heads import Heads
+from mmpretrain.models.model_config import image_size
+
+# The export layout: open_clip reads the first two files (`local-dir:`), we read all of them.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+HEADS_WEIGHTS = "mmpretrain_heads.safetensors"
+HEADS_META = "mmpretrain_heads.json"
+TOKENIZER_META = "mmpretrain_tokenizer.json"
 
 
 def preprocess_config(model_config: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def preprocess_config(model_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokenizer_details(context_length: int) -> dict[str, Any]:
-    from mmpretrain.data.tokenizer import Tokenizer
+    from mmpretrain.data.text.tokenizer import Tokenizer
 
     tok = Tokenizer(context_length=context_length)
     return {

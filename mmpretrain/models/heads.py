@@ -8,8 +8,22 @@ vocabulary projection itself happens in the loss (mmpretrain.losses.token_loss),
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Which text heads a model carries."""
+
+    mlm: bool = False
+    ar: bool = False
+    sentence_pair: bool = False
+
+    def any(self) -> bool:
+        return self.mlm or self.ar or self.sentence_pair
 
 
 class MLMHead(nn.Module):

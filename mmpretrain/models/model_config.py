@@ -1,6 +1,6 @@
 """Architecture files: open_clip's model-config schema (embed_dim, vision_cfg, text_cfg), validated.
 
-A model is named by a JSON file path, by a file in `configs/models/` (`tiny`, `ViT-B-32`, ...), or by
+A model is named by a JSON file path, by a file in `mmpretrain/models/model_configs/` (`tiny`, `ViT-B-32`, ...), or by
 one of open_clip's built-in names (`ViT-L-14`, `convnext_base`, ...). Our text trunk needs three
 things open_clip's own configs do not say, so built-in configs are adapted (and the change logged):
 the vocabulary holds `<mask>` and `<sep>` (49410 rows), and text is pooled at the end-of-text token
@@ -21,11 +21,11 @@ from mmpretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Fixed by mmpretrain.data.tokenizer (it asserts them): CLIP BPE 49408 + <mask> + <sep>.
+# Fixed by mmpretrain.data.text.tokenizer (it asserts them): CLIP BPE 49408 + <mask> + <sep>.
 TEXT_VOCAB_SIZE = 49410
 EOT_ID = 49407
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"  # package data: in every install, editable or not
 
 # Top-level keys of open_clip's schema that build a CLIP with open_clip's own text transformer.
 _TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
@@ -33,7 +33,7 @@ _TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_s
 
 
 def shipped_configs() -> list[str]:
-    """Names of the architecture files in configs/models/."""
+    """Names of the architecture files in mmpretrain/models/model_configs/."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
@@ -146,3 +146,8 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"model config {path}: cannot read ({exc})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"model config {path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+
+
+def image_size(model_config: dict[str, Any]) -> int:
+    size = model_config["vision_cfg"].get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)

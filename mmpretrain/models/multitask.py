@@ -2,7 +2,7 @@
 
 One `forward` serves every branch so that DDP/FSDP wrappers see one call per step:
 - image–text: `images` and `tokens` + `eot_index` → normalised features and the logit scale;
-- text: `text` (the dict of mmpretrain.data.text_objectives.text_batch) → what the token losses need.
+- text: `text` (the dict of mmpretrain.data.text.objectives.text_batch) → what the token losses need.
 Either may be absent. Loss functions live in mmpretrain.losses; the train step weights and sums them.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpretrain.data.masking import IGNORE_INDEX
+from mmpretrain.data.text.masking import IGNORE_INDEX
 from mmpretrain.models.heads import ARHead, MLMHead, SentencePairHead
 from mmpretrain.models.text_trunk import pool_at, project_text, text_hidden
 from mmpretrain.models.towers import TowerOptions, build_dual_tower, image_tower_locked

@@ -18,9 +18,7 @@ import math
 import torch
 from torch import nn
 
-from mmpretrain.config import OptimConfig, ScheduleConfig
-
-SCHEDULES = ("cosine", "constant")
+from mmpretrain.config import OptimConfig, ScheduleConfig, ScheduleName, choices
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -59,7 +57,7 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig,
 
     torch picks foreach/fused by itself only on CUDA, and never fused; on CPU its default loop runs ~10
     small ops per parameter tensor, so for a model whose 49k-row token embedding is most of its weights
-    the update alone was 48 ms of a ~170 ms step (fused: 8 ms; measured with configs/models/tiny.json,
+    the update alone was 48 ms of a ~170 ms step (fused: 8 ms; measured with mmpretrain/models/model_configs/tiny.json,
     see pipelines/bench/optimizer_step.py).
     """
     groups = param_groups(model, optim_cfg.weight_decay)
@@ -82,8 +80,8 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, name: str = "co
     "cosine" decays as min + (1 - min)·½(1 + cos(π·e/E)), e = step - warmup_steps,
     E = total_steps - warmup_steps: 1 at the end of warmup, min_lr_ratio at total_steps (and after).
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule.name = {name!r}: must be one of {', '.join(SCHEDULES)}")
+    if name not in choices(ScheduleName):
+        raise ValueError(f"schedule.name = {name!r}: must be one of {', '.join(choices(ScheduleName))}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if name == "constant":

@@ -249,17 +249,3 @@ def _save(fig, out: Path) -> None:
                         + ", ".join(f".{k}" for k in sorted(fig.canvas.get_supported_filetypes())))
     with atomic_open(out) as fh:
         fig.savefig(fh, format=fmt)
-
-
-# -- command line (wired into mmpretrain.cli) ------------------------------------------------------
-def add_plot_parser(sub) -> None:
-    """Add `mmpretrain plot RUN [--out PNG]` to the subparsers `sub` of the mmpretrain parser."""
-    p = sub.add_parser("plot", help="draw a run's training curves (losses, lr, eval metrics, throughput) as a PNG")
-    p.add_argument("run", metavar="RUN", help="run directory (train.output_dir) holding metrics.jsonl")
-    p.add_argument("--out", metavar="PNG", help=f"image to write (default: RUN/{DEFAULT_OUT})")
-    p.set_defaults(func=_run_plot)
-
-
-def _run_plot(args) -> int:
-    print(plot_run(args.run, args.out))
-    return 0

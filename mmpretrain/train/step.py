@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpretrain.config import LossConfig
-from mmpretrain.data.masking import IGNORE_INDEX
+from mmpretrain.config import Contrastive, LossConfig, choices
+from mmpretrain.data.text.masking import IGNORE_INDEX
 from mmpretrain.losses import clip_loss, siglip_loss, token_loss
-from mmpretrain.losses.distributed import all_reduce_sum, rank_and_world
+from mmpretrain.runtime import all_reduce_sum, rank_and_world
 
 TARGETS = ("mlm", "ar", "pair")  # objectives whose loss is divided by a count of predicted targets
 WINDOW_SUMS = ("mlm_loss", "ar_loss", "pair_loss")  # per-micro-batch parts that add up over a window
@@ -91,7 +91,7 @@ def _contrastive(out: dict[str, Any], loss_cfg: LossConfig, detach_scale: bool) 
         return {"clip_loss": res["loss"], "pos_prob": res["pos_prob"], "neg_prob": res["neg_prob"],
                 "logit_scale": scale.detach().reshape(()), "logit_bias": bias.detach().reshape(())}
     if loss_cfg.contrastive != "clip":
-        raise ValueError(f"loss.contrastive = {loss_cfg.contrastive!r}: must be clip or siglip")
+        raise ValueError(f"loss.contrastive = {loss_cfg.contrastive!r}: must be one of {', '.join(choices(Contrastive))}")
     res = clip_loss(img, txt, scale, local_loss=loss_cfg.local_loss, tile_size=loss_cfg.tile_size)
     return {"clip_loss": res["loss"], "acc_i2t": res["acc_i2t"], "acc_t2i": res["acc_t2i"],
             "logit_scale": res["logit_scale"]}

@@ -12,33 +12,33 @@ process at the same step.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from mmpretrain.config import Config, config_to_dict, masking_config, require_training_data, save_config
+from mmpretrain import runtime
+from mmpretrain.checkpoint.meta import checkpoint_meta
+from mmpretrain.checkpoint.state import find_resume, load_checkpoint, save_checkpoint
+from mmpretrain.config import Config, config_to_dict, require_training_data, save_config
 from mmpretrain.data.loader import Loader, TextBranch, image_text_loader, text_loader
-from mmpretrain.data.shardlist import ShardSource, resolve
 from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.errors import UserError
 from mmpretrain.eval import DEFAULT_TEMPLATES, load_classnames, load_templates
 from mmpretrain.eval.evaluator import EvalSettings, Evaluator
 from mmpretrain.eval.zeroshot import classnames_from_shards
 from mmpretrain.models import TowerOptions, build_model, load_model_config, load_open_clip_weights
-from mmpretrain.models.loading import Heads, checkpoint_meta, image_size
-from mmpretrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from mmpretrain.models.heads import Heads
+from mmpretrain.models.model_config import image_size
+from mmpretrain.shards.resolve import ShardSource, resolve
 from mmpretrain.train.optim import build_optimizer, build_scheduler
 from mmpretrain.train.runlog import RunLog, check_trackers
 from mmpretrain.train.step import accumulate_step
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SIGLIP_INIT_BIAS = -10.0  # Zhai et al. 2023
 
 
@@ -47,17 +47,9 @@ class TrainingDiverged(UserError):
 
 
 def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     check_trackers(cfg.logging.trackers)
-    run_dir = Path(cfg.train.output_dir)
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # on CPU, 2 gloo processes under `accelerate launch --multi_gpu`
-        mixed_precision=PRECISIONS[cfg.train.precision],
-        log_with=cfg.logging.trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-    )
+    return runtime.make_accelerator(cfg.train.precision, log_with=cfg.logging.trackers,
+                                    project_dir=cfg.train.output_dir)
 
 
 class Trainer:
@@ -70,7 +62,7 @@ class Trainer:
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         set_seed(cfg.train.seed)  # the same initial weights on every process
         if acc.device.type == "cpu":
-            _share_cpu_cores(acc.num_processes, cfg.data.num_workers)
+            runtime.share_cpu_cores(acc.num_processes, cfg.data.num_workers)
         self.model_cfg = load_model_config(cfg.model.name)
         context = self.model_cfg["text_cfg"].get("context_length", 77)
         if cfg.data.context_length > context:
@@ -135,15 +127,10 @@ class Trainer:
         return metrics
 
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)  # every process has the same keys: same model, same config
-        vector = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            dist.all_reduce(vector)
-            vector /= self.accelerator.num_processes
-        return dict(zip(keys, vector.tolist()))
+        return runtime.mean_over_processes(values, self.accelerator.device)
 
     def _last_good(self) -> str:
-        from mmpretrain.models.loading import latest_checkpoint
+        from mmpretrain.checkpoint.layout import latest_checkpoint
 
         last = latest_checkpoint(self.cfg.train.output_dir)
         return f"The last good checkpoint is {last}." if last else "No checkpoint was written yet."
@@ -234,7 +221,7 @@ class Trainer:
                               batch_size=d.batch_size, mode=d.mode, seed=cfg.train.seed,
                               shuffle_buffer=d.shuffle_buffer, samples_per_epoch=d.samples_per_epoch)
         tokenizer = Tokenizer(context_length=d.context_length)
-        branch = TextBranch(masking_config(cfg), cfg.model.sentence_pair) if self.heads.any() else None
+        branch = TextBranch(cfg.data.masking, cfg.model.sentence_pair) if self.heads.any() else None
         transform = image_transforms(image_size(self.model_cfg), train=True, augmentation=d.augmentation or None)
         loaders = {"image_text": image_text_loader(
             stream, tokenizer=tokenizer, transform=transform, rank=acc.process_index, world=acc.num_processes,
@@ -277,17 +264,6 @@ class Trainer:
         finally:
             model.train()
         return results
-
-
-def _share_cpu_cores(processes: int, workers: int) -> None:
-    """On CPU, leave the loader workers their cores: torch's threads spin-wait at every barrier, so one
-    thread preempted by a worker stalls the others (measured on 2 cores: 3.8 s median steps with 2
-    threads and a busy worker, 1.5 s with 1 thread; pipelines/bench/train_throughput.py). An explicit
-    OMP_NUM_THREADS wins."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // processes - workers))
 
 
 def limit_shards(patterns: list[str], max_samples: int | None) -> list[str]:

@@ -51,10 +51,10 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmpretrain.data.loader import Loader, TextBranch, image_text_loader
-from mmpretrain.data.shardlist import ShardSource
 from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
+from mmpretrain.shards.resolve import ShardSource
 from mmpretrain.table import format_table
 
 TARGET = 0.9

@@ -39,7 +39,7 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig, kind: str) -> torch.o
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="configs/models/tiny.json", help="a configs/models name or JSON, or an open_clip name")
+    p.add_argument("--model", default="mmpretrain/models/model_configs/tiny.json", help="a shipped model name (mmpretrain/models/model_configs) or JSON, or an open_clip name")
     p.add_argument("--config", default="configs/train/tiny.yaml", help="where lr, weight decay, betas and eps come from")
     p.add_argument("--text-heads", action="store_true", help="build the MLM and AR heads too (default: the dual tower)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the peer benchmark's default is 1)")

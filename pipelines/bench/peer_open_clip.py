@@ -1,6 +1,6 @@
 """Training throughput against open_clip_train, the peer trainer, on the same model, shards and settings.
 
-Three jobs train the same architecture (--model, configs/models/tiny.json, in open_clip's model-config
+Three jobs train the same architecture (--model, mmpretrain/models/model_configs/tiny.json, in open_clip's model-config
 schema) on the same image-text shards, with the same batch size, fp32 on CPU, the same torch thread
 count (OMP_NUM_THREADS, --threads) and the same number of data workers (--workers):
 
@@ -108,9 +108,9 @@ def make_shards(args, work: Path) -> tuple[list[Path], int]:
     if args.shards:
         folder = args.shards / "train" if (args.shards / "train").is_dir() else args.shards
     else:
-        from mmpretrain.data.demo import generate_demo_data
-        from mmpretrain.data.prepare.images import ImageOptions
-        from mmpretrain.data.prepare.pipeline import PrepareOptions, run_prepare
+        from mmpretrain.prepare.demo import generate_demo_data
+        from mmpretrain.prepare.images import ImageOptions
+        from mmpretrain.prepare.pipeline import PrepareOptions, run_prepare
 
         start, raw = time.perf_counter(), work / "raw"
         generate_demo_data(raw, num_images=args.images, image_size=args.image_size, num_documents=10)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs/train/tiny.yaml", help="ours, and the optimizer settings")
-    p.add_argument("--model-config", type=Path, default=ROOT / "configs/models/tiny.json", help="the architecture of both")
+    p.add_argument("--model-config", type=Path, default=ROOT / "mmpretrain/models/model_configs/tiny.json", help="the architecture of both")
     p.add_argument("--batch-size", type=int, default=32, help="image-text pairs per step")
     p.add_argument("--workers", type=int, default=1, help="data workers of both (--workers, data.num_workers)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of both (default: cores - workers, at least 1)")

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from mmpretrain.data.prepare.images import ImageOptions
-from mmpretrain.data.prepare.pipeline import PrepareOptions, run_prepare
+from mmpretrain.prepare.images import ImageOptions
+from mmpretrain.prepare.pipeline import PrepareOptions, run_prepare
 from mmpretrain.table import format_table
 
 SOURCE_SIZE = (640, 480)

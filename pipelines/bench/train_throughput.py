@@ -46,12 +46,12 @@ from pathlib import Path
 import torch
 
 from mmpretrain.config import load_config
-from mmpretrain.data.masking import MaskingConfig
-from mmpretrain.data.text_objectives import text_batch
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.text.masking import MaskingConfig
+from mmpretrain.data.text.objectives import text_batch
+from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.losses import clip_loss, token_loss
 from mmpretrain.models import build_model
-from mmpretrain.models.loading import image_size
+from mmpretrain.models.model_config import image_size
 from mmpretrain.table import format_table
 from mmpretrain.train.optim import build_optimizer
 from mmpretrain.train.trainer import Trainer
@@ -174,9 +174,9 @@ def make_shards(args, work: Path) -> tuple[str, str]:
     """(image-text folder, text folder) holding train/ shards: --shards/--text-shards, or demo data."""
     if args.shards:
         return str(args.shards), str(args.text_shards)
-    from mmpretrain.data.demo import generate_demo_data
-    from mmpretrain.data.prepare.images import ImageOptions
-    from mmpretrain.data.prepare.pipeline import PrepareOptions, run_prepare
+    from mmpretrain.prepare.demo import generate_demo_data
+    from mmpretrain.prepare.images import ImageOptions
+    from mmpretrain.prepare.pipeline import PrepareOptions, run_prepare
 
     start, raw = time.perf_counter(), work / "raw"
     generate_demo_data(raw, num_images=args.images, image_size=args.image_size, num_documents=args.documents)
@@ -228,7 +228,7 @@ def print_waits(results: list[dict], in_memory_ms: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs/train/tiny.yaml")
-    p.add_argument("--model", default="tiny", help="model.name (configs/models)")
+    p.add_argument("--model", default="tiny", help="model.name (mmpretrain/models/model_configs)")
     p.add_argument("--batch-size", type=int, help="image-text pairs per step (default: the config's, 32 in tiny)")
     p.add_argument("--text-batch-size", type=int, help="text documents per step, MLM and AR (default: the config's)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (main process)")

@@ -6,10 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from mmpretrain.data.prepare.captions import clean_caption, decode_text
-from mmpretrain.data.prepare.images import ImageOptions, process_image
-from mmpretrain.data.prepare.sources import Input
 from mmpretrain.errors import SampleError
+from mmpretrain.prepare.captions import clean_caption, decode_text
+from mmpretrain.prepare.images import ImageOptions, process_image
+from mmpretrain.prepare.sources import Input
 
 
 @dataclass

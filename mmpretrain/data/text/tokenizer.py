@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmpretrain.data.prepare.captions import NEEDS_FTFY
+from mmpretrain.textrepair import NEEDS_FTFY
 
 DEFAULT_CONTEXT_LENGTH = 77
 SPECIAL_TOKENS = ("<mask>", "<sep>")

@@ -1,8 +1,6 @@
-"""The training configuration: typed sections, one docstring per field (STYLE 3).
-
-`load_config(path, overrides)` reads YAML, applies `section.key=value` overrides, and validates
-once: unknown keys and wrong types are errors naming the dotted key. The resolved config is saved
-in the run directory and in every checkpoint (`config_to_dict`).
+"""Loading the training configuration: defaults, then a YAML file, then `section.key=value`
+overrides, validated once. Unknown keys and wrong types (a `Literal` choice included) are errors
+naming the dotted key; the resolved config is saved in the run directory and in every checkpoint.
 """
 
 from __future__ import annotations
@@ -10,186 +8,18 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from mmpretrain.data.masking_config import MaskingConfig
+from mmpretrain.config.schema import Config
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import atomic_write
 
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"
-    """Architecture: a configs/models name, a model-config .json path, or an open_clip built-in name."""
-    pretrained: str | None = None
-    """open_clip weights (.safetensors/.pt/.bin) to start from; None = random init."""
-    mlm: bool = True
-    """Masked-LM head on the bidirectional text trunk."""
-    ar: bool = True
-    """Autoregressive (next-token) head on the causal text trunk."""
-    sentence_pair: str | None = None
-    """None, "nsp" or "sop": a sentence-pair head trained on the text batches."""
-    patch_dropout: float = 0.0
-    """Fraction of image patches dropped in training (FLIP); 0 = off."""
-    lock_image: bool = False
-    """Freeze the image tower (LiT)."""
-    lock_image_unlocked_groups: int = 0
-    """With lock_image: leave this many last layer groups trainable."""
-    grad_checkpointing: bool = False
-    """Recompute activations in backward, trading compute for memory."""
-    compile: bool = False
-    """torch.compile the model."""
-
-
-@dataclass
-class DataConfig:
-    train_shards: list[str] = field(default_factory=list)
-    """Image-text shard patterns (brace/glob patterns, folders, or `pipe:` URLs) for training."""
-    train_weights: list[float] | None = None
-    """Per-pattern sampling weights (resampled mode); None = equal."""
-    text_shards: list[str] = field(default_factory=list)
-    """Text-only shard patterns for the MLM/AR branch; empty = learn the text branch from captions."""
-    batch_size: int = 64
-    """Image-text pairs per process per micro-batch (global batch = batch_size x processes x accum_steps)."""
-    text_batch_size: int = 64
-    """Text documents per process per micro-batch (with text_shards)."""
-    mode: str = "resampled"
-    """"resampled" (shards drawn with replacement, step-based runs) or "epoch" (each sample once per epoch)."""
-    samples_per_epoch: int | None = None
-    """Resampled mode: length of a virtual epoch (for the epoch count); None = all samples."""
-    shuffle_buffer: int = 1000
-    """Samples in the shuffle buffer of each worker."""
-    num_workers: int = 2
-    """DataLoader workers per process; exact resume needs the same number."""
-    context_length: int = 77
-    """Tokens per text, <start> and <end> included; must not exceed the model's context length."""
-    augmentation: dict = field(default_factory=dict)
-    """open_clip AugmentationCfg fields for training images (scale, color_jitter, ...)."""
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    """How MLM inputs are corrupted."""
-
-
-@dataclass
-class LossConfig:
-    contrastive: str = "clip"
-    """"clip" (symmetric InfoNCE) or "siglip" (pairwise sigmoid)."""
-    tile_size: int | None = None
-    """InfoNCE in tiles of this many rows (never the full logits matrix); None = plain."""
-    local_loss: bool = False
-    """InfoNCE: each process scores only its own rows against all (O(n x B) logits)."""
-    clip_weight: float = 1.0
-    """Weight of the contrastive loss."""
-    mlm_weight: float = 1.0
-    """Weight of the masked-LM loss (when the head is on)."""
-    ar_weight: float = 1.0
-    """Weight of the next-token loss (when the head is on)."""
-    pair_weight: float = 1.0
-    """Weight of the sentence-pair loss (when the head is on)."""
-    token_chunk_size: int = 2048
-    """Predicted tokens decoded at a time by the MLM/AR losses (memory: chunk x vocab)."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.2
-    """AdamW weight decay; never applied to biases, norms, the temperature, or any 1-D parameter."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.98
-    """AdamW beta2."""
-    eps: float = 1e-6
-    """AdamW epsilon."""
-    grad_clip: float | None = 1.0
-    """Clip the global gradient norm to this; None = no clipping."""
-    fused: bool = True
-    """torch's fused AdamW kernel (one pass over each parameter, on CPU, CUDA and the other devices torch
-    has it for); on CPU the tiny model's update takes 8 ms instead of 48 ms with torch's default per-tensor
-    loop. false = torch's default (a loop on CPU, foreach on CUDA). Same update up to float rounding."""
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"
-    """"cosine" (decay to min_lr_ratio x lr) or "constant" (after warmup)."""
-    warmup_steps: int = 100
-    """Linear warmup from 0 over this many optimizer steps."""
-    min_lr_ratio: float = 0.0
-    """Cosine floor, as a fraction of the peak learning rate."""
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    """Optimizer steps in the run."""
-    accum_steps: int = 1
-    """Micro-batches per optimizer step; contrastive accumulation is exact (features cached, recomputed)."""
-    precision: str = "fp32"
-    """"fp32", "bf16" or "fp16" (mixed precision through Accelerate)."""
-    seed: int = 0
-    """Seeds model init, data order, masking and augmentation."""
-    output_dir: str = "runs/run"
-    """Run directory: config.yaml, checkpoints/, metrics.jsonl, tracker logs."""
-    checkpoint_every: int = 500
-    """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 3
-    """Keep the last this many checkpoints."""
-    resume: str | None = None
-    """None, "latest" (the run directory's newest checkpoint), or a checkpoint path."""
-
-
-@dataclass
-class EvalConfig:
-    every: int = 0
-    """Evaluate every this many steps (and at the end); 0 = never during training."""
-    retrieval_shards: list[str] = field(default_factory=list)
-    """Held-out image-text shards for retrieval."""
-    zeroshot_shards: list[str] = field(default_factory=list)
-    """Labelled image shards (KEY.cls) for zero-shot classification."""
-    classnames: str | None = None
-    """Class-name file for zero-shot; None = the shards' dataset.json."""
-    templates: str | None = None
-    """Prompt-template file for zero-shot; None = the built-in set."""
-    text_shards: list[str] = field(default_factory=list)
-    """Held-out text shards for MLM accuracy and AR perplexity."""
-    batch_size: int = 256
-    """Evaluation batch size per process."""
-    max_samples: int | None = None
-    """Evaluate on at most this many samples per task (periodic evaluation cost); None = all."""
-
-
-@dataclass
-class LoggingConfig:
-    log_every: int = 10
-    """Log metrics every this many steps."""
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Accelerate trackers: "tensorboard", "wandb", ... (metrics.jsonl is always written)."""
-    project: str = "mmpretrain"
-    """Tracker project name (wandb)."""
-    progress: bool = True
-    """Progress bar on the main process."""
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-# --------------------------------------------------------------------------------- loading and validation
 COMMAND_LINE = "command line"
 _NONE = type(None)
 
@@ -244,15 +74,6 @@ def _is_list_field(key: str) -> bool:
     return get_origin(cls) is list or any(get_origin(a) is list for a in get_args(cls))
 
 
-def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> Config:
-    """A config from plain data (a checkpoint's copy); missing keys take their defaults."""
-    tree, sources = config_to_dict(Config()), {}
-    _merge(tree, d, Config, "", source, sources)
-    cfg = _build(tree, sources)
-    validate_config(cfg, sources)
-    return cfg
-
-
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain data (dicts, lists, scalars), sections and keys in declaration order."""
     return asdict(cfg)
@@ -261,11 +82,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write `cfg` as YAML atomically: a reader sees the old file or the new one, never half of one."""
     atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
-
-
-def masking_config(cfg: Config) -> MaskingConfig:
-    """The data.masking section (already a validated MaskingConfig)."""
-    return cfg.data.masking
 
 
 def require_training_data(cfg: Config) -> None:
@@ -277,10 +93,6 @@ def require_training_data(cfg: Config) -> None:
 
 def _at_least(low):
     return (lambda v: v is None or v >= low), f"must be >= {low}"
-
-
-def _one_of(*choices):
-    return (lambda v: v in choices), "must be one of " + ", ".join("null" if c is None else c for c in choices)
 
 
 _POSITIVE = (lambda v: v is None or v > 0), "must be > 0"
@@ -302,11 +114,6 @@ _RULES: list[tuple[tuple[str, ...], tuple[Callable[[Any], bool], str]]] = [
     (("schedule.min_lr_ratio",), ((lambda v: 0 <= v <= 1), "must be in [0, 1]")),
     (("model.name", "train.output_dir"), _NON_EMPTY),
     (("train.resume",), ((lambda v: v != ""), 'must be null, "latest" or a checkpoint path')),
-    (("model.sentence_pair",), _one_of(None, "nsp", "sop")),
-    (("data.mode",), _one_of("resampled", "epoch")),
-    (("loss.contrastive",), _one_of("clip", "siglip")),
-    (("schedule.name",), _one_of("cosine", "constant")),
-    (("train.precision",), _one_of("fp32", "bf16", "fp16")),
 ]
 
 
@@ -414,7 +221,7 @@ def _merge(tree: dict, raw: Any, cls: type, prefix: str, source: str, sources: d
         try:
             value = _coerce(value, hint)
         except _Mismatch:
-            raise UserError(f"{source}: {name} = {_show(value)}: expected {_describe(hint)}") from None
+            raise UserError(f"{source}: {name} = {_show(value)}: {_expectation(hint)}") from None
         # A free-form mapping (augmentation) is updated key by key, so `data.augmentation.scale=...` works.
         tree[key] = {**tree[key], **value} if hint is dict else value
         sources[name] = source
@@ -447,6 +254,10 @@ def _coerce(value: Any, hint: Any) -> Any:
             except _Mismatch:
                 pass
         raise _Mismatch
+    if origin is Literal:  # a closed set of choices (mmpretrain.config.schema's aliases)
+        if value not in args or type(value) is not type(args[0]):
+            raise _Mismatch
+        return value
     if origin is list:
         if isinstance(value, str) and args[0] is str:  # one shard pattern: `train_shards: a/{0..9}.tar`
             return [value]
@@ -470,12 +281,24 @@ _NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
           float: ("a number", "numbers"), str: ("a string", "strings"), dict: ("a mapping", "mappings")}
 
 
+def _expectation(hint: Any) -> str:
+    """What a key wants: "must be one of a, b" for a choice (null first when allowed), else "expected ..."."""
+    args = get_args(hint)
+    optional = get_origin(hint) in (Union, UnionType) and _NONE in args
+    choice = next((a for a in args if get_origin(a) is Literal), hint) if optional else hint
+    if get_origin(choice) is Literal:
+        return "must be one of " + ", ".join((["null"] if optional else []) + list(get_args(choice)))
+    return f"expected {_describe(hint)}"
+
+
 def _describe(hint: Any) -> str:
     origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, UnionType):
         return " or ".join(_describe(a) for a in args if a is not _NONE) + (" or null" if _NONE in args else "")
     if origin is list:
         return f"a list of {_NAMES[args[0]][1]}"
+    if origin is Literal:
+        return "one of " + ", ".join(args)
     return _NAMES[hint][0]
 
 

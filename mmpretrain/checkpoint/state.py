@@ -1,6 +1,6 @@
 """Checkpoints of a run: written atomically, the last K kept, restored exactly.
 
-A checkpoint is `RUN/checkpoints/step-NNNNNNNN/` (layout in mmpretrain.models.loading): accelerate's
+A checkpoint is `RUN/checkpoints/step-NNNNNNNN/` (layout in mmpretrain.checkpoint.load): accelerate's
 state (model, optimizer, scheduler, grad scaler, the RNG of every process), one `loader_R.json` per
 process (where each of its loaders stands), and `checkpoint.json`. Everything is written into
 `.tmp-step-NNNNNNNN/` first; `checkpoint.json` goes in last and the directory is renamed into place,
@@ -15,8 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.errors import UserError
-from mmpretrain.models.loading import (
+from mmpretrain.checkpoint.layout import (
     CHECKPOINT_META,
     CHECKPOINT_WEIGHTS,
     CHECKPOINTS_DIR,
@@ -24,8 +23,9 @@ from mmpretrain.models.loading import (
     checkpoint_name,
     classify,
     latest_checkpoint,
-    read_checkpoint_meta,
 )
+from mmpretrain.checkpoint.meta import read_checkpoint_meta
+from mmpretrain.errors import UserError
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict[str, Any], loaders: dict[str, Any],

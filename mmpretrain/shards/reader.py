@@ -11,7 +11,7 @@ import importlib
 import tarfile
 from collections.abc import Iterator
 
-from mmpretrain.data.shardlist import is_remote, sample_key
+from mmpretrain.shards.resolve import is_remote, sample_key
 
 
 class ShardError(Exception):

@@ -23,13 +23,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 import mmpretrain
-from mmpretrain.data.prepare.fetch import FetchOptions, fetch, ordered_map
-from mmpretrain.data.prepare.images import ImageOptions
-from mmpretrain.data.prepare.samples import Result, process_image_input, process_text_input, sample_key
-from mmpretrain.data.prepare.sources import ColumnOptions, Input, class_names, detect_kind, iter_inputs
-from mmpretrain.data.prepare.text import TextOptions, iter_text_inputs
-from mmpretrain.data.prepare.writer import ShardSequence, atomic_write
 from mmpretrain.errors import SampleError, UserError
+from mmpretrain.prepare.fetch import FetchOptions, fetch, ordered_map
+from mmpretrain.prepare.images import ImageOptions
+from mmpretrain.prepare.samples import Result, process_image_input, process_text_input, sample_key
+from mmpretrain.prepare.sources import ColumnOptions, Input, class_names, detect_kind, iter_inputs
+from mmpretrain.prepare.text import TextOptions, iter_text_inputs
+from mmpretrain.shards.writer import ShardSequence, atomic_write
 
 SPLITS = ("train", "val")
 OUTPUT_FILES = ("sizes.json", "stats.json", "failures.jsonl", "dataset.json")

@@ -11,43 +11,22 @@
   tower) — plus `mmpretrain_heads.safetensors` / `mmpretrain_heads.json` (text heads) and
   `mmpretrain_tokenizer.json` (the vocabulary's special tokens), which open_clip ignores.
 - An **open_clip weights file** (release file, open_clip_train checkpoint) with its model config
-  (a configs/models name, a .json, or an open_clip model name): the dual tower only, no text heads.
+  (a shipped model name, a .json, or an open_clip model name): the dual tower only, no text heads.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmpretrain.checkpoint.layout import CHECKPOINT_META, CHECKPOINT_WEIGHTS, classify, latest_checkpoint
+from mmpretrain.checkpoint.meta import read_checkpoint_meta
 from mmpretrain.errors import UserError
-from mmpretrain.models.model_config import validate_model_config
-
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_META = "checkpoint.json"
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_FORMAT = "mmpretrain.checkpoint"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
-HEADS_WEIGHTS = "mmpretrain_heads.safetensors"
-HEADS_META = "mmpretrain_heads.json"
-TOKENIZER_META = "mmpretrain_tokenizer.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-@dataclass(frozen=True)
-class Heads:
-    """Which text heads a model carries."""
-
-    mlm: bool = False
-    ar: bool = False
-    sentence_pair: bool = False
-
-    def any(self) -> bool:
-        return self.mlm or self.ar or self.sentence_pair
+from mmpretrain.fileio import read_json
+from mmpretrain.models.export import HEADS_META, HEADS_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+from mmpretrain.models.heads import Heads
+from mmpretrain.models.model_config import image_size, validate_model_config
 
 
 @dataclass
@@ -66,74 +45,6 @@ class LoadedModel:
                 "context_length": self.model_config["text_cfg"].get("context_length", 77)}
 
 
-def image_size(model_config: dict[str, Any]) -> int:
-    size = model_config["vision_cfg"].get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-# -- finding checkpoints -----------------------------------------------------------------------------
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    found = []
-    for child in root.glob("step-*"):
-        match = _STEP_DIR.match(child.name)
-        if match and (child / CHECKPOINT_META).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = checkpoint_dirs(run_dir)
-    return found[-1] if found else None
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def checkpoint_meta(step: int, model_config: dict[str, Any], heads: Heads,
-                    config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What `checkpoint.json` holds (the trainer adds its own entries)."""
-    import mmpretrain
-
-    return {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "model_config": model_config,
-            "heads": vars(heads).copy(), "config": config, "mmpretrain_version": mmpretrain.__version__}
-
-
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    meta_path = Path(path) / CHECKPOINT_META
-    meta = _read_json(meta_path)
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{meta_path}: not an mmpretrain checkpoint description (no \"format\": "
-                        f"\"{CHECKPOINT_FORMAT}\")")
-    return meta
-
-
-def classify(path: str | Path) -> str:
-    """"run" | "checkpoint" | "export" | "weights", or a UserError saying what the path is not."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / CHECKPOINT_META).is_file():
-            return "checkpoint"
-        if (p / OPEN_CLIP_CONFIG).is_file():
-            return "export"
-        if (p / CHECKPOINTS_DIR).is_dir():
-            if latest_checkpoint(p) is None:
-                raise UserError(f"checkpoint {path}: run directory without a complete checkpoint in "
-                                f"{p / CHECKPOINTS_DIR}; train longer or pass a checkpoint file")
-            return "run"
-        raise UserError(f"checkpoint {path}: directory is neither a run (no {CHECKPOINTS_DIR}/), a checkpoint "
-                        f"(no {CHECKPOINT_META}) nor an export (no {OPEN_CLIP_CONFIG})")
-    if p.is_file():
-        if p.suffix.lower() not in _WEIGHT_SUFFIXES:
-            raise UserError(f"checkpoint {path}: unknown kind of file (expected a run or export directory, or "
-                            f"a weights file ending in {', '.join(_WEIGHT_SUFFIXES)})")
-        return "weights"
-    raise UserError(f"checkpoint {path}: no such file or directory")
-
-
-# -- loading -----------------------------------------------------------------------------------------
 def load_model(path: str | Path, model_config: str | None = None) -> LoadedModel:
     """The model behind `path` (any form above), in eval mode on the CPU.
 
@@ -164,11 +75,11 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
 
 
 def _load_export(folder: Path) -> LoadedModel:
-    config = _read_json(folder / OPEN_CLIP_CONFIG)
+    config = read_json(folder / OPEN_CLIP_CONFIG)
     if not isinstance(config, dict) or "model_cfg" not in config:
         raise UserError(f"{folder / OPEN_CLIP_CONFIG}: no \"model_cfg\"; not an open_clip model directory")
     cfg = validate_model_config(config["model_cfg"], str(folder / OPEN_CLIP_CONFIG))
-    heads_meta = _read_json(folder / HEADS_META) if (folder / HEADS_META).is_file() else {}
+    heads_meta = read_json(folder / HEADS_META) if (folder / HEADS_META).is_file() else {}
     heads = Heads(**heads_meta.get("heads", {}))
     model = _build(cfg, heads)
     state = {f"tower.{k}": v for k, v in _read_safetensors(folder / OPEN_CLIP_WEIGHTS).items()}
@@ -184,7 +95,7 @@ def _load_open_clip_file(path: Path, model_config: str | None) -> LoadedModel:
 
     if model_config is None:
         raise UserError(f"checkpoint {path}: an open_clip weights file needs its architecture; add --model "
-                        f"NAME (a configs/models name, a .json file, or an open_clip model name such as ViT-B-32)")
+                        f"NAME (a shipped model name, a .json file, or an open_clip model name such as ViT-B-32)")
     cfg = load_model_config(model_config)
     model = _build(cfg, Heads())
     report = load_open_clip_weights(model.tower, path)
@@ -245,11 +156,3 @@ def _read_safetensors(path: Path) -> dict:
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
 
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; the model directory is incomplete") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None

@@ -13,10 +13,10 @@ import re
 import torch
 from torch import Tensor
 
-from mmpretrain.data.masking import MaskingConfig, ar_targets, mask_tokens
-from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.config import PairObjective, choices
+from mmpretrain.data.text.masking import MaskingConfig, ar_targets, mask_tokens
+from mmpretrain.data.text.tokenizer import Tokenizer
 
-PAIR_OBJECTIVES = ("nsp", "sop")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -43,16 +43,16 @@ def split_document(document: str, choice: float) -> tuple[str, str]:
 def make_sentence_pairs(documents: list[str], objective: str,
                         generator: torch.Generator) -> tuple[list[str], list[str], Tensor]:
     """(first, second, labels): label 1 = true order/continuation, 0 = swapped (sop) or foreign B (nsp)."""
-    if objective not in PAIR_OBJECTIVES:
-        raise ValueError(f"pair objective {objective!r} is not one of {', '.join(PAIR_OBJECTIVES)}")
+    if objective not in choices(PairObjective):
+        raise ValueError(f"pair objective {objective!r} is not one of {', '.join(choices(PairObjective))}")
     n = len(documents)
     if objective == "nsp" and n < 2:
         raise ValueError("nsp needs at least 2 documents per batch to draw a negative from another one")
     # Fixed number of draws per call, whatever the documents say: replayable from the seed.
-    choices = torch.rand(n, generator=generator).tolist()
+    cuts = torch.rand(n, generator=generator).tolist()
     negative = (torch.rand(n, generator=generator) < 0.5).tolist()
     other = torch.randint(0, max(n - 1, 1), (n,), generator=generator).tolist()
-    splits = [split_document(doc, c) for doc, c in zip(documents, choices)]
+    splits = [split_document(doc, c) for doc, c in zip(documents, cuts)]
     first, second, labels = [], [], []
     for i, (a, b) in enumerate(splits):
         if negative[i] and objective == "sop":

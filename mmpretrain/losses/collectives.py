@@ -1,4 +1,4 @@
-"""Differentiable collectives for losses computed over the whole global batch.
+"""The differentiable collective for losses computed over the whole global batch.
 
 `accelerator.gather` is not differentiable, so a gathered batch would give gradients to this rank's
 own features only. `all_gather_with_grad` carries gradient back to every rank's features. The
@@ -11,23 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
-    """First-dim sizes of every rank's tensor, in rank order (one small collective)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return [n]
-    local = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local)
-    return [int(s) for s in sizes]
+from mmpretrain.runtime import gather_sizes, rank_and_world
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -70,13 +54,3 @@ def all_gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
         sizes = gather_sizes(x.shape[0], x.device)
     return _AllGatherWithGrad.apply(x, sizes)
 
-
-@torch.no_grad()
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum of `x` over ranks, without gradient; at world 1 the same values (`x.detach()`)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return x.detach()
-    out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmpretrain.data.prepare.captions import clean_text, decode_text, split_document
-from mmpretrain.data.prepare.sources import Input
 from mmpretrain.errors import SampleError, UserError
+from mmpretrain.prepare.captions import clean_text, decode_text, split_document
+from mmpretrain.prepare.sources import Input
 
 TEXT_EXTS = (".txt", ".jsonl", ".ndjson")
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmpretrain.data.masking_config import MaskingConfig
-from mmpretrain.data.tokenizer import TokenBatch, Tokenizer
+from mmpretrain.config import MaskingConfig
+from mmpretrain.data.text.tokenizer import TokenBatch, Tokenizer
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 

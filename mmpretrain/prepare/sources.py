@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmpretrain.data.shardlist import expand
-from mmpretrain.data.tario import ShardError, iter_tar_samples
 from mmpretrain.errors import UserError
+from mmpretrain.shards.reader import ShardError, iter_tar_samples
+from mmpretrain.shards.resolve import expand
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

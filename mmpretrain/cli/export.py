@@ -1,0 +1,28 @@
+"""`mmpretrain export`: a run/checkpoint as an open_clip model directory (+ text heads)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run/checkpoint as an open_clip model directory (+ text heads)")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
+                   help="run directory (its newest checkpoint), checkpoint directory, exported directory, "
+                        "or open_clip weights file (with --model)")
+    p.add_argument("--model", help="architecture of an open_clip weights file: shipped model name, .json, "
+                                   "or open_clip model name")
+    p.add_argument("--out", required=True, help="directory to write (open_clip local-dir: layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from mmpretrain.checkpoint.load import load_model
+    from mmpretrain.models.export import export_model
+
+    loaded = load_model(args.checkpoint, args.model)
+    out = export_model(loaded.model, loaded.model_config, loaded.heads, args.out, overwrite=args.overwrite,
+                       provenance={"source": loaded.path, "source_kind": loaded.kind, "step": loaded.step})
+    heads = [h for h, on in vars(loaded.heads).items() if on]
+    print(f"exported {loaded.kind} {loaded.path} to {out} (heads: {', '.join(heads) or 'none'}); "
+          f"load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0

@@ -1,0 +1,105 @@
+"""`mmpretrain prepare`: image-caption collections or text corpora -> WebDataset shards."""
+
+from __future__ import annotations
+
+import os
+
+from mmpretrain.cli.types import fraction, positive_int
+from mmpretrain.errors import UserError
+
+
+def add_parser(sub) -> None:
+    from mmpretrain.prepare.images import DEFAULT_MAX_PIXELS, ENCODE_FORMATS, RESIZE_MODES
+    from mmpretrain.prepare.sources import KINDS
+
+    p = sub.add_parser("prepare", help="turn image-caption collections or text corpora into WebDataset shards")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="folder (IMAGE + same-stem .txt), class-folder tree, CSV/TSV/JSONL/Parquet manifest, "
+                        "tar shards (path, directory, brace pattern), or text files with --text-only")
+    p.add_argument("--out", required=True, help="output folder, e.g. shards/NAME")
+    p.add_argument("--name", help="shard file prefix (default: the output folder's name)")
+    p.add_argument("--format", choices=KINDS, help="source kind, when detection from the path is not enough")
+    g = p.add_argument_group("manifest columns")
+    g.add_argument("--image-column", help="image path or URL column (default: image|url|path|filepath|file)")
+    g.add_argument("--caption-column", help="caption column (default: caption|text|title)")
+    g.add_argument("--label-column", help="integer label column (default: 'label' when present)")
+    g.add_argument("--caption-template", default="a photo of a {}.",
+                   help="caption for class-folder sources; {} is the class name (default: %(default)r)")
+    g = p.add_argument_group("images")
+    g.add_argument("--image-size", type=positive_int, default=256)
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
+    g.add_argument("--resize-only-if-bigger", action="store_true", help="never upscale")
+    g.add_argument("--min-size", type=int, default=0, help="fail inputs whose short side is smaller")
+    g.add_argument("--max-aspect-ratio", type=float, default=0.0, help="fail inputs with long/short above this")
+    g.add_argument("--encode-format", choices=sorted(ENCODE_FORMATS), default="jpg")
+    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    g.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help="decompression-bomb limit: larger images fail (default: %(default)s)")
+    g = p.add_argument_group("text-only")
+    g.add_argument("--text-only", action="store_true", help="sources are text (.txt, .jsonl): write text shards")
+    g.add_argument("--text-unit", choices=("line", "paragraph"), default="line",
+                   help="a document is one line, or a blank-line separated paragraph")
+    g.add_argument("--text-field", default="text", help="JSONL field that holds the document")
+    g.add_argument("--max-text-chars", type=positive_int, default=2000, help="split longer documents")
+    g = p.add_argument_group("downloads (URLs in the image column)")
+    g.add_argument("--threads", type=positive_int, default=16, help="concurrent downloads")
+    g.add_argument("--timeout", type=float, default=10.0)
+    g.add_argument("--retries", type=int, default=2)
+    g.add_argument("--max-bytes", type=positive_int, default=20_000_000)
+    g.add_argument("--max-redirects", type=int, default=5)
+    g = p.add_argument_group("output")
+    g.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard")
+    g.add_argument("--max-shard-bytes", type=int, default=0, help="also cap shard bytes (0: no cap)")
+    g.add_argument("--val-fraction", type=fraction, default=0.01,
+                   help="share of samples in val/, chosen by content hash")
+    g.add_argument("--dedupe", action="store_true", help="drop exact duplicate images (counted)")
+    g.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1))
+    g.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from mmpretrain.prepare.fetch import FetchOptions
+    from mmpretrain.prepare.images import ImageOptions
+    from mmpretrain.prepare.pipeline import PrepareOptions, run_prepare
+    from mmpretrain.prepare.sources import ColumnOptions
+    from mmpretrain.prepare.text import TextOptions
+
+    if "{}" not in args.caption_template:
+        raise UserError(f"--caption-template {args.caption_template!r} has no {{}} for the class name")
+    opts = PrepareOptions(
+        out=args.out, name=args.name, format=args.format, text_only=args.text_only,
+        columns=ColumnOptions(args.image_column, args.caption_column, args.label_column, args.caption_template),
+        image=ImageOptions(
+            image_size=args.image_size, resize_mode=args.resize_mode,
+            resize_only_if_bigger=args.resize_only_if_bigger, min_size=args.min_size,
+            max_aspect_ratio=args.max_aspect_ratio, encode_format=args.encode_format,
+            quality=args.quality, max_pixels=args.max_pixels,
+        ),
+        text=TextOptions(unit=args.text_unit, field=args.text_field, max_chars=args.max_text_chars),
+        fetch=FetchOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_bytes,
+                           max_redirects=args.max_redirects),
+        shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction,
+        dedupe=args.dedupe, workers=args.workers, threads=args.threads, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    stats = run_prepare(args.sources, opts)
+    print(prepare_summary(stats, args.out))
+    return 0
+
+
+def prepare_summary(stats: dict, out: str) -> str:
+    from mmpretrain.table import format_table
+
+    rows = [[s, c["inputs"], c["written"], c["failed"], c["deduplicated"], c["shards"]]
+            for s, c in stats["splits"].items()]
+    rows.append(["total", stats["inputs"], stats["written"], stats["failed"], stats["deduplicated"],
+                 sum(c["shards"] for c in stats["splits"].values())])
+    lines = [format_table(["split", "inputs", "written", "failed", "deduplicated", "shards"], rows)]
+    if stats["reasons"]:
+        lines.append("failures: " + ", ".join(f"{r} {n}" for r, n in stats["reasons"].items())
+                     + f"  (details in {out}/failures.jsonl)")
+    if stats.get("samples_per_s"):
+        lines.append(f"{stats['samples_per_s']} samples/s over {stats['elapsed_s']} s")
+    return "\n".join(lines)

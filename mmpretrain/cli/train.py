@@ -1,0 +1,26 @@
+"""`mmpretrain train`: one process; the same code runs under `accelerate launch -m mmpretrain.train`."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train from a config (one process; the same code runs under "
+                                     "`accelerate launch -m mmpretrain.train`)")
+    p.add_argument("--config", required=True, help="configs/train/NAME.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, values in YAML (train.steps=100 data.train_shards=[a,b])")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from mmpretrain.config import load_config
+    from mmpretrain.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    if trainer.accelerator.is_main_process:
+        loss = f"loss {metrics['loss']:.4f}, " if metrics else ""
+        print(f"trained to step {trainer.step}: {loss}run directory {cfg.train.output_dir} "
+              f"(evaluate it with `mmpretrain eval retrieval --checkpoint {cfg.train.output_dir} --shards ...`)")
+    return 0

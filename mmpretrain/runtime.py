@@ -1,0 +1,102 @@
+"""Where the code runs: the one Accelerator factory (device, precision), CPU thread sizing, and the
+plain (non-differentiable) collectives every stage shares. Differentiable gathers live with the
+losses (mmpretrain.losses.collectives).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mmpretrain.config import Precision, choices
+
+# Our precision names -> accelerate's mixed_precision values.
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+assert tuple(MIXED_PRECISION) == choices(Precision)
+
+
+def accelerator_available() -> bool:
+    """True when torch sees any accelerator (CUDA, ROCm, MPS, XPU, ...). Only without one does
+    accelerate get `cpu=True` — which is also what makes `accelerate launch --multi_gpu` on a CPU
+    machine give gloo processes instead of N processes that each think they are alone."""
+    return torch.accelerator.is_available()
+
+
+def make_accelerator(precision: str = "fp32", *, log_with: list[str] | None = None,
+                     project_dir: str | Path | None = None):
+    """The Accelerator for training and evaluation alike."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs: dict[str, Any] = {}
+    if project_dir is not None:
+        kwargs["project_config"] = ProjectConfiguration(project_dir=str(project_dir),
+                                                        logging_dir=str(Path(project_dir) / "logs"))
+    return Accelerator(cpu=not accelerator_available(), mixed_precision=MIXED_PRECISION[precision],
+                       log_with=log_with or None, **kwargs)
+
+
+def share_cpu_cores(processes: int, workers: int) -> None:
+    """On CPU, leave the loader workers their cores: torch's threads spin-wait at every barrier, so one
+    thread preempted by a worker stalls the others (measured on 2 cores: 3.8 s median steps with 2
+    threads and a busy worker, 1.5 s with 1 thread; pipelines/bench/train_throughput.py). An explicit
+    OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // processes - workers))
+
+
+# ---------------------------------------------------------------------------- collectives
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """First-dim sizes of every rank's tensor, in rank order (one small collective)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [n]
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local)
+    return [int(s) for s in sizes]
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks, without gradient; at world 1 the same values (`x.detach()`)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x.detach()
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def mean_over_processes(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every process's scalars averaged, in one collective (every process must pass the same keys)."""
+    keys = sorted(values)
+    vector = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(vector)
+        vector /= world
+    return dict(zip(keys, vector.tolist()))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order (pickled by torch.distributed in memory, never from disk)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
