@@ -51,6 +51,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
         yield tmp
         if path.exists() and not replace:
             raise FileExistsError(f"{path} exists")
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a run folder or an export is shared
         old = None
         if path.exists():
             old = tmp.with_name(tmp.name[:-len(".tmp")] + ".old")

@@ -92,6 +92,16 @@ def mean_over_processes(values: dict[str, float], device: torch.device | str = "
     return dict(zip(keys, vector.tolist()))
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """The main process's `obj` on every process (pickled by torch.distributed in memory, never from disk)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """`obj` of every process, in rank order (pickled by torch.distributed in memory, never from disk)."""
     _, world = rank_and_world()

@@ -40,7 +40,7 @@ def test_tiny_model_learns_on_the_demo_data(tmp_path):
     model = trainer.bare_model.eval()
     evaluator = Evaluator(model, trainer.model_cfg, settings=EvalSettings(batch_size=128, num_workers=0,
                                                                           progress=False))
-    metrics, _ = evaluator.retrieval([str(shards / "val")])
+    metrics = evaluator.retrieval([str(shards / "val")]).metrics
     chance = 1 / metrics["num_images"]
     assert metrics["num_images"] >= 80  # a held-out set big enough for chance to be small
     assert metrics["text_to_image_R@1"] >= 5 * chance, metrics

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
-from test_eval_retrieval import _reference_metrics
 
 from mmpretrain.checkpoint.load import load_model
 from mmpretrain.checkpoint.meta import checkpoint_meta
@@ -135,7 +134,7 @@ def test_embeddings_follow_shard_order_with_every_caption(data):
 
 
 # -- retrieval ---------------------------------------------------------------------------------------
-def test_retrieval_equals_bruteforce_and_chunking_changes_nothing(data, capsys):
+def test_retrieval_equals_bruteforce_and_chunking_changes_nothing(data, capsys, retrieval_reference):
     out, report = data["root"] / "retrieval.json", data["root"] / "retrieval.png"
     assert _cli("retrieval", "--checkpoint", data["run"], "--shards", data["images"], "--batch-size", "4",
                 "--out", str(out), "--report", str(report)) == 0
@@ -144,7 +143,7 @@ def test_retrieval_equals_bruteforce_and_chunking_changes_nothing(data, capsys):
     result = json.loads(out.read_text())
     emb = _evaluator(data).embed([data["images"]], texts=True)  # same batches: the same bits
     groups = _evaluator(data).caption_groups(emb)
-    reference = _reference_metrics(emb.image[emb.text_sample[groups.image_rows]].double(), emb.text.double(),
+    reference = retrieval_reference.metrics(emb.image[emb.text_sample[groups.image_rows]].double(), emb.text.double(),
                                    groups.text_to_image)
     metrics = result["metrics"]
     assert {k: metrics[k] for k in reference} == pytest.approx(reference, abs=1e-12)
@@ -212,12 +211,13 @@ def test_text_metrics_equal_a_reference_with_per_text_masks(data):
         for i, doc in enumerate(DOCS):
             gen = torch.Generator().manual_seed(derive_seed(3, "mask", f"{i:09d}"))
             batch = text_batch([doc], tok, MaskingConfig(), gen)
-            o = model.text_outputs(batch)
-            logits = F.linear(o["mlm_hidden"], weight, o["mlm_bias"])
-            correct += int((logits.argmax(-1) == o["mlm_labels"]).sum())
-            tokens += len(o["mlm_labels"])
-            keep = o["ar_labels"] != IGNORE_INDEX
-            nll += F.cross_entropy(o["ar_hidden"][keep] @ weight.T, o["ar_labels"][keep], reduction="sum").item()
+            o = model.text_predictions(batch)
+            logits = F.linear(o["mlm"].hidden, weight, model.mlm_head.bias)
+            correct += int((logits.argmax(-1) == o["mlm"].labels).sum())
+            tokens += len(o["mlm"].labels)
+            keep = batch.ar_labels != IGNORE_INDEX
+            assert torch.equal(o["ar"].labels, batch.ar_labels[keep])
+            nll += F.cross_entropy(o["ar"].hidden @ weight.T, o["ar"].labels, reduction="sum").item()
             ar_tokens += int(keep.sum())
     assert (metrics["mlm_tokens"], metrics["ar_tokens"], metrics["num_texts"]) == (tokens, ar_tokens, len(DOCS))
     assert metrics["ar_tokens"] == int((tok.encode(DOCS).lengths - 1).sum())

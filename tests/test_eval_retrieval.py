@@ -1,8 +1,6 @@
 """Retrieval metrics against a brute-force reference (full score matrix, one Python sort per query),
 hand-computed tiny cases, ties, chunk-size invariance and bad input."""
 
-import statistics
-
 import pytest
 import torch
 
@@ -16,33 +14,6 @@ from mmpretrain.eval.retrieval import (
     retrieval_ranks,
     top_k,
 )
-
-
-# -- reference -------------------------------------------------------------------------------------
-def _sorted_keys(row: list[float]) -> list[int]:
-    """Key indices best first: score descending, then index ascending (the documented tie rule)."""
-    return sorted(range(len(row)), key=lambda j: (-row[j], j))
-
-
-def _reference_ranks(image_emb, text_emb, t2i):
-    scores = (image_emb @ text_emb.T).tolist()  # (Ni, Nt), the whole matrix at once
-    by_text = [list(col) for col in zip(*scores)]  # (Nt, Ni)
-    t2i = t2i.tolist()
-    t2i_ranks = [_sorted_keys(by_text[t]).index(t2i[t]) + 1 for t in range(len(t2i))]
-    i2t_ranks = []
-    for i, row in enumerate(scores):
-        order = _sorted_keys(row)
-        i2t_ranks.append(min(order.index(t) + 1 for t in range(len(t2i)) if t2i[t] == i))
-    return i2t_ranks, t2i_ranks
-
-
-def _reference_metrics(image_emb, text_emb, t2i, ks=(1, 5, 10)):
-    out = {}
-    for name, ranks in zip(("image_to_text_", "text_to_image_"), _reference_ranks(image_emb, text_emb, t2i)):
-        out.update({f"{name}R@{k}": sum(r <= k for r in ranks) / len(ranks) for k in ks})
-        out[f"{name}mean_rank"] = sum(ranks) / len(ranks)
-        out[f"{name}median_rank"] = float(statistics.median(ranks))
-    return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,15 +92,15 @@ def test_hand_computed_all_tied_and_even_median():
 # -- against the reference -------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [_continuous, _quantised])
 @pytest.mark.parametrize("num_images,dim,seed", [(1, 4, 0), (2, 3, 1), (37, 8, 2), (83, 16, 3)])
-def test_matches_bruteforce(make, num_images, dim, seed):
+def test_matches_bruteforce(make, num_images, dim, seed, retrieval_reference):
     image, text, t2i = make(num_images, dim, seed)
     i2t, t2i_ranks = retrieval_ranks(image, text, t2i, chunk_size=5)
-    ref_i2t, ref_t2i = _reference_ranks(image, text, t2i)
+    ref_i2t, ref_t2i = retrieval_reference.ranks(image, text, t2i)
     assert i2t.tolist() == ref_i2t
     assert t2i_ranks.tolist() == ref_t2i
     metrics = retrieval_metrics(image, text, t2i, chunk_size=5)
     del metrics["num_images"], metrics["num_texts"]
-    assert metrics == _reference_metrics(image, text, t2i)
+    assert metrics == retrieval_reference.metrics(image, text, t2i)
 
 
 def test_quantised_data_has_ties_that_matter():
@@ -141,10 +112,10 @@ def test_quantised_data_has_ties_that_matter():
     assert (tied_with_own > 0).sum() > 20
 
 
-def test_float32_quantised_matches_bruteforce():
+def test_float32_quantised_matches_bruteforce(retrieval_reference):
     image, text, t2i = _quantised(41, 8, 4, dtype=torch.float32)
     i2t, t2i_ranks = retrieval_ranks(image, text, t2i, chunk_size=3)
-    assert (i2t.tolist(), t2i_ranks.tolist()) == _reference_ranks(image, text, t2i)
+    assert (i2t.tolist(), t2i_ranks.tolist()) == retrieval_reference.ranks(image, text, t2i)
 
 
 def test_power_of_two_scaling_keeps_ranks():
@@ -185,12 +156,12 @@ def test_mixed_precision_is_scored_in_float64():
 
 # -- top_k and positive_ranks -----------------------------------------------------------------------
 @pytest.mark.parametrize("k,chunk", [(1, 1), (5, 3), (6, 7), (100, 1000)])
-def test_top_k_order_and_ties(k, chunk):
+def test_top_k_order_and_ties(k, chunk, retrieval_reference):
     image, text, _ = _quantised(29, 6, 8)
     got = top_k(text, image, k, chunk_size=chunk)
     assert got.shape == (len(text), min(k, len(image)))
     for row, scores in zip(got.tolist(), (text @ image.T).tolist()):
-        assert row == _sorted_keys(scores)[: len(row)]
+        assert row == retrieval_reference.sorted_keys(scores)[: len(row)]
 
 
 def test_top_k_agrees_with_ranks():

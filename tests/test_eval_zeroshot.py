@@ -181,12 +181,18 @@ def _text_batches(seed: int, vocab: int = 11):
     return batches
 
 
+def _add(metrics: TextMetrics, logits, labels) -> None:
+    """One batch scored as MLM and as AR (the evaluator's per-chunk update)."""
+    correct, tokens = mlm_counts(logits, labels)
+    nll, ar_tokens = ar_counts(logits, labels)
+    metrics.update(mlm_correct=correct, mlm_tokens=tokens, ar_nll_sum=nll, ar_tokens=ar_tokens)
+
+
 def test_streaming_equals_whole_set_reference():
     batches = _text_batches(0)
     metrics = TextMetrics()
     for logits, labels in batches:
-        metrics.update_mlm(logits, labels)
-        metrics.update_ar(logits, labels)
+        _add(metrics, logits, labels)
     # Reference: every scored token on its own, in float64.
     tokens = [(lg.double(), y) for logits, labels in batches
               for lg, y in zip(logits.flatten(0, 1), labels.flatten().tolist()) if y != -100]  # (B*L, V)
@@ -211,8 +217,7 @@ def test_merge_and_tensor_round_trip():
     whole, first, second = TextMetrics(), TextMetrics(), TextMetrics()
     for i, (logits, labels) in enumerate(batches):
         for m in (whole, first if i % 2 else second):
-            m.update_mlm(logits, labels)
-            m.update_ar(logits, labels)
+            _add(m, logits, labels)
     merged = TextMetrics().merge(first).merge(second)
     assert merged.result() == pytest.approx(whole.result(), rel=1e-12)
     reduced = TextMetrics.from_tensor(first.as_tensor() + second.as_tensor())  # what an all-reduce gives

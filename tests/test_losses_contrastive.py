@@ -4,28 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpretrain.losses import clip_loss, siglip_loss
 from mmpretrain.losses.tiled import tiled_info_nce
 
 F64 = torch.float64
-
-
-class LargestOutput(TorchDispatchMode):
-    """Records the largest numel of any op output (forward and backward) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
-                self.numel, self.op = t.numel(), func
-        return out
 
 
 def _features(n: int, d: int, seed: int, norm: float | None = 1.0, dtype=F64) -> torch.Tensor:
@@ -132,13 +115,13 @@ def test_tiled_gradcheck():
 
 
 @pytest.mark.parametrize("local_loss", [False, True])
-def test_tiled_never_builds_the_full_matrix(local_loss):
+def test_tiled_never_builds_the_full_matrix(local_loss, largest_output):
     batch, tile, dim = 512, 32, 16
     img, txt, s = _features(batch, dim, 11, dtype=torch.float32), _features(batch, dim, 12, dtype=torch.float32), _scale(50.0)
-    with LargestOutput() as plain:
+    with largest_output() as plain:
         clip_loss(img, txt, s, local_loss=local_loss)["loss"].backward()
     assert plain.numel == batch * batch  # the recorder does see a B×B when there is one
-    with LargestOutput() as tiled:
+    with largest_output() as tiled:
         clip_loss(img, txt, s, local_loss=local_loss, tile_size=tile)["loss"].backward()
     assert tiled.numel <= max(batch * dim, tile * tile, batch), tiled.op
 

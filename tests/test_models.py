@@ -43,13 +43,13 @@ def _inputs(cfg, batch: int = 4, seed: int = 0):
 
 
 def _all_losses(out) -> torch.Tensor:
-    loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
-    if out["logit_bias"] is not None:
-        loss = loss + siglip_loss(out["image_features"], out["text_features"], out["logit_scale"],
-                                  out["logit_bias"])["loss"]
-    loss = loss + token_loss(out["mlm_hidden"], out["decoder_weight"], out["mlm_labels"], bias=out["mlm_bias"])["loss"]
-    loss = loss + token_loss(out["ar_hidden"], out["decoder_weight"], out["ar_labels"], chunk_size=16)["loss"]
-    return loss + F.cross_entropy(out["pair_logits"], out["pair_labels"])
+    loss = clip_loss(out.image_features, out.text_features, out.logit_scale)["loss"]
+    if out.logit_bias is not None:
+        loss = loss + siglip_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)["loss"]
+    mlm, ar, pair = out.text["mlm"], out.text["ar"], out.text["pair"]
+    loss = loss + token_loss(mlm.hidden, mlm.decoder_weight, mlm.labels, bias=mlm.bias)["loss"]
+    loss = loss + token_loss(ar.hidden, ar.decoder_weight, ar.labels, chunk_size=16)["loss"]
+    return loss + F.cross_entropy(pair.logits, pair.labels)
 
 
 @pytest.mark.parametrize("name", shipped_configs())
@@ -60,7 +60,7 @@ def test_every_shipped_config_trains_every_parameter(name):
     model = build_model(cfg, sentence_pair=True).train()
     images, tokens, text = _inputs(cfg, batch=2)
     out = model(images=images, tokens=tokens.ids, eot_index=tokens.eot_index, text=text)
-    assert out["image_features"].shape == out["text_features"].shape == (2, cfg["embed_dim"])
+    assert out.image_features.shape == out.text_features.shape == (2, cfg["embed_dim"])
     loss = _all_losses(out)
     assert torch.isfinite(loss)
     loss.backward()
@@ -74,7 +74,7 @@ def test_siglip_bias_gets_a_gradient():
     model = _model(TowerOptions(init_logit_bias=-10.0), sentence_pair=True)
     images, tokens, text = _inputs(load_model_config("tiny"))
     out = model(images=images, tokens=tokens.ids, eot_index=tokens.eot_index, text=text)
-    assert out["logit_bias"].item() == -10.0
+    assert out.logit_bias.item() == -10.0
     _all_losses(out).backward()
     assert model.tower.logit_bias.grad is not None and float(model.tower.logit_bias.grad) != 0.0
 
@@ -127,22 +127,24 @@ def test_text_embedding_pools_at_end_of_text_not_argmax():
 def test_mlm_head_decodes_only_masked_positions_with_tied_weights():
     model = _model()
     _, _, text = _inputs(load_model_config("tiny"))
-    out = model(text=text)
-    selected = text["mlm_labels"] != IGNORE_INDEX
-    assert out["mlm_hidden"].shape == (int(selected.sum()), 64)
-    torch.testing.assert_close(out["mlm_labels"], text["mlm_labels"][selected])
-    assert out["decoder_weight"] is model.tower.token_embedding.weight
-    hidden = text_hidden(model.tower, text["mlm_input_ids"], causal=False, attention_mask=text["attention_mask"])
+    mlm = model(text=text).text["mlm"]
+    selected = text.mlm_labels != IGNORE_INDEX
+    assert mlm.hidden.shape == (int(selected.sum()), 64)
+    torch.testing.assert_close(mlm.labels, text.mlm_labels[selected])
+    assert mlm.decoder_weight is model.tower.token_embedding.weight and mlm.bias is model.mlm_head.bias
+    hidden = text_hidden(model.tower, text.mlm_input_ids, causal=False, attention_mask=text.attention_mask)
     expected = model.mlm_head(hidden)[selected] @ model.tower.token_embedding.weight.T + model.mlm_head.bias
-    torch.testing.assert_close(model.mlm_head.logits(hidden[selected], out["decoder_weight"]), expected)
+    decoded = [logits for logits, _ in mlm.logit_chunks(size=5)]  # the prediction owns its decoding, in chunks
+    assert len(decoded) == -(-int(selected.sum()) // 5)
+    torch.testing.assert_close(torch.cat(decoded), expected)
     assert not any(k.startswith(("mlm_head", "ar_head")) for k in model.tower.state_dict())
 
 
 def test_ar_loss_trains_the_shared_token_embedding():
     model = _model(mlm=False)
     _, _, text = _inputs(load_model_config("tiny"))
-    out = model(text=text)
-    token_loss(out["ar_hidden"], out["decoder_weight"], out["ar_labels"])["loss"].backward()
+    ar = model(text=text).text["ar"]
+    token_loss(ar.hidden, ar.decoder_weight, ar.labels)["loss"].backward()
     assert model.tower.token_embedding.weight.grad.abs().sum() > 0
     assert model.tower.visual.conv1.weight.grad is None  # the text branch never touches the image tower
 
@@ -264,7 +266,7 @@ def test_patch_dropout_only_in_training():
 
 def test_clamp_logit_scale():
     model = _model()
-    assert model(images=torch.randn(1, 3, 64, 64))["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert model(images=torch.randn(1, 3, 64, 64)).logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
         model.tower.logit_scale.fill_(7.0)
     model.clamp_logit_scale_()

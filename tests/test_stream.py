@@ -2,70 +2,24 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import TOKENIZER, make_loader, write_shards
 
 from mmpretrain.data import loader as loader_mod
 from mmpretrain.data.loader import TextBranch, image_text_loader, text_loader
 from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.errors import UserError
 from mmpretrain.shards.reader import ShardError
 from mmpretrain.shards.resolve import ShardSource
 
-TOKENIZER = Tokenizer(context_length=16)
-
-
-def _png(value: int) -> bytes:
-    buf = io.BytesIO()
-    rng = np.random.default_rng(value)
-    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def write_shards(root: Path, sizes: list[int], name: str = "s", drop: dict | None = None,
-                 text_only: bool = False, first: int = 0):
-    """Shards of consecutive integer samples from `first`; `drop` maps sample number -> members to leave out."""
-    root.mkdir(parents=True, exist_ok=True)
-    number, sizes_json = first, {}
-    for i, size in enumerate(sizes):
-        path = root / f"{name}-{i:06d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for _ in range(size):
-                members = {"txt": f"sample number {number}".encode()}
-                if not text_only:
-                    members.update(png=_png(number), cls=str(number % 3).encode(),
-                                   json=json.dumps({"sha256": f"h{number}"}).encode())
-                for ext in (drop or {}).get(number, ()):
-                    members.pop(ext)
-                for ext, data in sorted(members.items()):
-                    info = tarfile.TarInfo(f"{number:09d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                number += 1
-        sizes_json[path.name] = size
-    (root / "sizes.json").write_text(json.dumps(sizes_json))
-    return str(root / f"{name}-{{{0:06d}..{len(sizes) - 1:06d}}}.tar")
-
-
-def make_loader(pattern, batch_size=4, rank=0, world=1, workers=2, **kw):
-    text_branch = kw.pop("text_branch", None)
-    cfg = StreamConfig(shards=(ShardSource(pattern),), batch_size=batch_size, seed=7, shuffle_buffer=8, **kw)
-    return image_text_loader(cfg, tokenizer=TOKENIZER, transform=image_transforms(8, train=True), rank=rank,
-                             world=world, num_workers=workers, text_branch=text_branch)
-
 
 def keys_of(batches) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
+    return [k for b in batches for k in b.keys]
 
 
 UNEVEN = [1, 13, 2, 30, 5]  # 51 samples, fewer shards than 2 ranks x 3 workers
@@ -84,7 +38,7 @@ def test_two_ranks_equal_batches_distinct_samples(tmp_path, drop_last):
     seen = keys_of(per_rank[0]) + keys_of(per_rank[1])
     assert len(seen) == len(set(seen))  # no sample on two ranks
     if drop_last:
-        assert all(len(b["keys"]) == 4 for r in per_rank for b in r)
+        assert all(len(b.keys) == 4 for r in per_rank for b in r)
         assert len(seen) == 51 // 8 * 8
     else:
         assert sorted(seen) == [f"{i:09d}" for i in range(51)]  # every sample exactly once
@@ -93,18 +47,18 @@ def test_two_ranks_equal_batches_distinct_samples(tmp_path, drop_last):
 def test_batches_carry_what_training_and_eval_need(tmp_path):
     pattern = write_shards(tmp_path, [10])
     batch = next(iter(make_loader(pattern, workers=0, text_branch=TextBranch())))
-    assert batch["images"].shape == (4, 3, 8, 8) and batch["images"].dtype == torch.float32
-    assert batch["tokens"].shape == (4, 16)
-    for row, eot, key, label, digest in zip(batch["tokens"], batch["eot_index"], batch["keys"],
-                                            batch["labels"], batch["image_hashes"]):
+    assert batch.images.shape == (4, 3, 8, 8) and batch.images.dtype == torch.float32
+    assert batch.tokens.shape == (4, 16)
+    for row, eot, key, label, digest in zip(batch.tokens, batch.eot_index, batch.keys,
+                                            batch.labels, batch.image_hashes):
         assert row[eot] == TOKENIZER.eot_id
         assert label == int(key) % 3 and digest == f"h{int(key)}"
-    text = batch["text"]  # the text branch from captions when no text shards are configured
-    assert text["mlm_input_ids"].shape == text["mlm_labels"].shape == (4, 16)
-    masked = text["mlm_labels"] != -100
+    text = batch.text  # the text branch from captions when no text shards are configured
+    assert text.mlm_input_ids.shape == text.mlm_labels.shape == (4, 16)
+    masked = text.mlm_labels != -100
     assert masked.any(dim=1).all()
-    assert (text["ar_labels"][:, :-1][text["ar_labels"][:, :-1] != -100] ==
-            batch["tokens"][:, 1:][text["ar_labels"][:, :-1] != -100]).all()
+    assert (text.ar_labels[:, :-1][text.ar_labels[:, :-1] != -100] ==
+            batch.tokens[:, 1:][text.ar_labels[:, :-1] != -100]).all()
 
 
 def test_same_config_same_batches(tmp_path):
@@ -112,8 +66,8 @@ def test_same_config_same_batches(tmp_path):
     runs = [list(make_loader(pattern, workers=2, text_branch=TextBranch())) for _ in range(2)]
     assert keys_of(runs[0]) == keys_of(runs[1])
     for a, b in zip(*runs):
-        assert torch.equal(a["images"], b["images"])  # augmentation replays
-        assert torch.equal(a["text"]["mlm_input_ids"], b["text"]["mlm_input_ids"])  # masking replays
+        assert torch.equal(a.images, b.images)  # augmentation replays
+        assert torch.equal(a.text.mlm_input_ids, b.text.mlm_input_ids)  # masking replays
     other = make_loader(pattern, workers=2)
     other.set_epoch(1)
     assert keys_of(list(other)) != keys_of(runs[0])  # a new epoch, a new order
@@ -139,8 +93,8 @@ def test_resume_mid_epoch_continues_the_identical_stream(tmp_path, monkeypatch, 
     rest = list(resumed)
     assert keys_of(rest) == keys_of(full[stop_after:])
     for a, b in zip(rest, full[stop_after:]):
-        assert torch.equal(a["images"], b["images"])
-        assert torch.equal(a["text"]["mlm_labels"], b["text"]["mlm_labels"])
+        assert torch.equal(a.images, b.images)
+        assert torch.equal(a.text.mlm_labels, b.text.mlm_labels)
     if workers == 0:  # the resumed run decoded only what it delivered: skipping did not decode
         assert sorted(decoded) == sorted(keys_of(rest))
 
@@ -154,11 +108,11 @@ def test_resampled_mode_weights_and_epochs(tmp_path):
                                num_workers=2)
     assert len(loader) == 500
     keys = keys_of(list(loader))
-    assert len(keys) == 4000 and loader.epoch == 0
+    assert len(keys) == 4000 and loader.state_dict()["epoch"] == 0
     share_a = sum(int(k) < 1000 for k in keys) / len(keys)
     assert abs(share_a - 0.75) < 0.1  # 200 shard draws: 3 standard deviations
     next(iter(loader))
-    assert loader.epoch == 1
+    assert loader.state_dict()["epoch"] == 1
 
 
 def test_unusable_samples_are_skipped_counted_and_batches_stay_equal(tmp_path):
@@ -201,8 +155,8 @@ def test_text_only_loader(tmp_path):
     loader = text_loader(cfg, tokenizer=TOKENIZER, text_branch=TextBranch(pair_objective="sop"), num_workers=0)
     batches = list(loader)
     assert len(batches) == 4
-    assert all(b["mlm_input_ids"].shape == (3, 16) and b["pair_labels"].shape == (3,) for b in batches)
-    texts = [t for b in batches for t in b["texts"]]
+    assert all(b.mlm_input_ids.shape == (3, 16) and b.pairs.labels.shape == (3,) for b in batches)
+    texts = [t for b in batches for t in b.texts]
     assert len(set(texts)) == 12 and set(texts) <= {f"sample number {i}" for i in range(13)}
 
 
@@ -222,4 +176,4 @@ def test_evaluation_gives_every_rank_the_same_count_even_with_empty_last_batches
     assert [len(r) for r in ranks] == [2, 2]
     assert sorted(keys_of(ranks[0] + ranks[1])) == ["000000000", "000000001", "000000002"]
     empty = ranks[1][-1]
-    assert empty["keys"] == [] and empty["images"].shape == (0, 3, 8, 8) and empty["tokens"].shape == (0, 16)
+    assert empty.keys == [] and empty.images.shape == (0, 3, 8, 8) and empty.tokens.shape == (0, 16)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
-from test_stream import write_shards
+from helpers import free_port, write_shards
 
 SCRIPT = textwrap.dedent(
     """
@@ -34,21 +33,16 @@ SCRIPT = textwrap.dedent(
                                    world=acc.num_processes, num_workers=2)
         keys, sizes = [], []
         for batch in loader:  # deliberately NOT accelerator.prepare(loader)
-            size = torch.tensor([len(batch["keys"])])
+            size = torch.tensor([len(batch.keys)])
             dist.all_reduce(size)  # a collective per batch, as a DDP step has
             sizes.append(int(size))
-            keys += batch["keys"]
+            keys += batch.keys
         with open(f"{out}/{mode}{acc.process_index}.json", "w") as fh:
             json.dump({"world": acc.num_processes, "type": str(acc.distributed_type), "keys": keys,
                        "sizes": sizes, "len": len(loader)}, fh)
     """
 )
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_under_accelerate_launch(tmp_path):
@@ -58,7 +52,7 @@ def test_two_processes_under_accelerate_launch(tmp_path):
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), str(tmp_path), epoch_pattern, resampled_pattern]
+           "--main_process_port", str(free_port()), str(script), str(tmp_path), epoch_pattern, resampled_pattern]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

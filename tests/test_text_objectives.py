@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mmpretrain.data.records import SentencePairs, TextBatch
 from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
 from mmpretrain.data.text.objectives import make_sentence_pairs, split_document, split_sentences, text_batch
 from mmpretrain.data.text.tokenizer import Tokenizer
@@ -71,21 +72,23 @@ def test_text_batch_contents():
     tok = Tokenizer(context_length=32)
     texts = ["A red car parks near the bridge. It is raining.", "Two zebrafish swim in a tank.", "!\"$ a"]
     out = text_batch(texts, tok, MaskingConfig(), torch.Generator().manual_seed(0), pair_objective="sop")
-    assert set(out) == {"mlm_input_ids", "mlm_labels", "ar_input_ids", "ar_labels", "lengths", "eot_index",
-                        "attention_mask", "pair_input_ids", "pair_segment_ids", "pair_attention_mask",
-                        "pair_labels", "pair_eot_index"}
+    assert isinstance(out, TextBatch) and isinstance(out.pairs, SentencePairs) and out.texts == texts
+    for name in ("mlm_input_ids", "mlm_labels", "ar_input_ids", "ar_labels", "attention_mask"):
+        assert getattr(out, name).shape == (3, 32), name
+    for name in ("input_ids", "segment_ids", "attention_mask"):
+        assert getattr(out.pairs, name).shape == (3, 32), name
     plain = tok.encode(texts)
-    assert torch.equal(out["ar_input_ids"], plain.ids) and torch.equal(out["lengths"], plain.lengths)
-    assert out["eot_index"].tolist() == (plain.lengths - 1).tolist()
-    assert out["attention_mask"].sum(1).tolist() == plain.lengths.tolist()
-    selected = out["mlm_labels"] != IGNORE_INDEX
-    assert selected.any(1).all() and torch.equal(out["mlm_labels"][selected], plain.ids[selected])
-    ar = out["ar_labels"]
+    assert torch.equal(out.ar_input_ids, plain.ids) and torch.equal(out.lengths, plain.lengths)
+    assert out.eot_index.tolist() == (plain.lengths - 1).tolist()
+    assert out.attention_mask.sum(1).tolist() == plain.lengths.tolist()
+    selected = out.mlm_labels != IGNORE_INDEX
+    assert selected.any(1).all() and torch.equal(out.mlm_labels[selected], plain.ids[selected])
+    ar = out.ar_labels
     assert ar[2, :5].tolist() == [0, 1, 259, 320, tok.eot_id] and ar[2, 5:].eq(IGNORE_INDEX).all()
-    pair_ids, eot = out["pair_input_ids"], out["pair_eot_index"]
+    pair_ids, eot = out.pairs.input_ids, out.pairs.eot_index
     assert (pair_ids.gather(1, eot[:, None]) == tok.eot_id).all()
     assert (pair_ids == tok.sep_id).sum(1).tolist() == [1, 1, 1]
-    assert out["pair_segment_ids"][out["pair_attention_mask"]].unique().tolist() == [0, 1]
-    assert out["pair_labels"].shape == (3,) and out["pair_labels"].dtype == torch.long
+    assert out.pairs.segment_ids[out.pairs.attention_mask].unique().tolist() == [0, 1]
+    assert out.pairs.labels.shape == (3,) and out.pairs.labels.dtype == torch.long
     without = text_batch(texts, tok, MaskingConfig(), torch.Generator().manual_seed(0))
-    assert "pair_input_ids" not in without and torch.equal(without["mlm_labels"], out["mlm_labels"])
+    assert without.pairs is None and torch.equal(without.mlm_labels, out.mlm_labels)

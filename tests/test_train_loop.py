@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,31 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_stream import write_shards
+from helpers import CONFIG, ROOT, free_port, subprocess_env, train_overrides
 
 from mmpretrain.config import load_config
 from mmpretrain.errors import UserError
-
-CONFIG = "configs/train/tiny.yaml"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _overrides(tmp: Path, images: str, text: str, **extra) -> list[str]:
-    base = {
-        "data.train_shards": images, "data.text_shards": text, "data.batch_size": 4,
-        "data.text_batch_size": 4, "data.num_workers": 1, "data.shuffle_buffer": 8, "train.steps": 8,
-        "train.checkpoint_every": 3, "train.keep_checkpoints": 5, "train.output_dir": str(tmp / "run"),
-        "eval.every": 0, "logging.log_every": 1, "logging.trackers": "[]", "logging.progress": "false",
-        "schedule.warmup_steps": 2,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return write_shards(root / "img", [13, 11]), write_shards(root / "txt", [9, 9], text_only=True)
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -57,10 +35,6 @@ def _losses(run: Path) -> dict[int, float]:
 
 def _train_cmd(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "mmpretrain.train", "--config", CONFIG, *overrides]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -81,14 +55,14 @@ def _fit_in_process(overrides: list[str]) -> None:
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(shards, tmp_path, one_thread):
     images, text = shards
-    _fit_in_process(_overrides(tmp_path / "a", images, text))
+    _fit_in_process(train_overrides(tmp_path / "a", images, text))
     reference = _losses(tmp_path / "a" / "run")
     assert sorted(reference) == list(range(1, 9))
 
-    killed = _overrides(tmp_path / "b", images, text)
+    killed = train_overrides(tmp_path / "b", images, text)
     run = tmp_path / "b" / "run"
     proc = subprocess.Popen(_train_cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env())
+                            env=subprocess_env())
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5:
@@ -111,7 +85,7 @@ def test_non_finite_loss_stops_and_the_last_checkpoint_stays_usable(shards, tmp_
     from mmpretrain.cli import main
 
     images, text = shards
-    args = _overrides(tmp_path, images, text, **{"train.steps": 2, "train.checkpoint_every": 2})
+    args = train_overrides(tmp_path, images, text, **{"train.steps": 2, "train.checkpoint_every": 2})
     assert main(["train", "--config", str(ROOT / CONFIG), *args]) == 0
     capsys.readouterr()
     bad = [*args, "train.steps=4", "train.resume=latest", "loss.mlm_weight=.inf"]
@@ -136,7 +110,7 @@ def test_trainer_checkpoint_exports_to_open_clip_and_logs_to_tensorboard(shards,
 
     images, text = shards
     # the config's default tracker (TensorBoard) stays on here
-    cfg = load_config(ROOT / CONFIG, _overrides(tmp_path, images, text, **{"train.steps": 1, "logging.trackers":
+    cfg = load_config(ROOT / CONFIG, train_overrides(tmp_path, images, text, **{"train.steps": 1, "logging.trackers":
                                                                            '["tensorboard"]'}))
     trainer = Trainer(cfg)
     trainer.fit()
@@ -189,8 +163,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def global_batches(steps: int = 3, size: int = 8) -> list[dict]:
+def global_batches(steps: int = 3, size: int = 8) -> list:
     """Fixed global image-text batches with their text-branch tensors (float32, CPU)."""
+    from mmpretrain.data.records import ImageTextBatch
     from mmpretrain.data.text.masking import MaskingConfig
     from mmpretrain.data.text.objectives import text_batch
     from mmpretrain.data.text.tokenizer import Tokenizer
@@ -201,32 +176,28 @@ def global_batches(steps: int = 3, size: int = 8) -> list[dict]:
         gen = torch.Generator().manual_seed(step)
         captions = [f"picture {step} number {i} of a {['red', 'blue', 'green'][i % 3]} thing" for i in range(size)]
         tokens = tok.encode(captions)
-        out.append({"images": torch.randn(size, 3, 64, 64, generator=gen), "tokens": tokens.ids,
-                    "eot_index": tokens.eot_index,
-                    "text": text_batch(captions, tok, MaskingConfig(), torch.Generator().manual_seed(100 + step))})
+        out.append(ImageTextBatch(
+            images=torch.randn(size, 3, 64, 64, generator=gen), tokens=tokens.ids, eot_index=tokens.eot_index,
+            lengths=tokens.lengths, labels=torch.full((size,), -1), captions=captions,
+            text=text_batch(captions, tok, MaskingConfig(), torch.Generator().manual_seed(100 + step))))
     return out
 
 
-def micro_batches(batch: dict, rank: int, world: int, accum: int) -> list[dict]:
+def micro_batches(batch, rank: int, world: int, accum: int) -> list:
     """This process's `accum` micro-batches: rows split by process, then by micro-batch."""
-    n = len(batch["images"]) // (world * accum)
+    from dataclasses import fields, replace
 
-    def rows(t, start):
-        return t[start:start + n]
+    n = len(batch.images) // (world * accum)
+
+    def rows(record, start):
+        return replace(record, **{f.name: getattr(record, f.name)[start:start + n] for f in fields(record)
+                                  if isinstance(getattr(record, f.name), torch.Tensor)})
 
     out = []
     for i in range(accum):
         start = (rank * accum + i) * n
-        out.append({"images": rows(batch["images"], start), "tokens": rows(batch["tokens"], start),
-                    "eot_index": rows(batch["eot_index"], start),
-                    "text": {k: rows(v, start) for k, v in batch["text"].items()}})
+        out.append(replace(rows(batch, start), text=rows(batch.text, start)))
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(shards, tmp_path):
@@ -237,17 +208,17 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(shards, tmp_pa
     images, text = shards
     step_overrides = ["train.accum_steps=2", "train.steps=10", f"train.output_dir={tmp_path / 'unused'}",
                       "logging.trackers=[]", "optim.lr=1e-3", "schedule.warmup_steps=1"]
-    fit_overrides = _overrides(tmp_path / "fit", images, text, **{
+    fit_overrides = train_overrides(tmp_path / "fit", images, text, **{
         "train.steps": 2, "train.checkpoint_every": 1, "eval.every": 2,
         "eval.retrieval_shards": images, "eval.zeroshot_shards": "[]", "eval.text_shards": text})
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     # launched with the shipped CPU config: this is also the test that the file gives 2 gloo processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port", str(free_port()),
            str(script), str(tmp_path / "two.json"), str(ROOT / CONFIG),
            str(Path(__file__).parent), json.dumps(step_overrides), json.dumps(fit_overrides)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads((tmp_path / "two.json").read_text())
     assert (two["world"], two["type"], two["backend"]) == (2, "MULTI_CPU", "gloo")

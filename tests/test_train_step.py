@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from mmpretrain.config import LossConfig
+from mmpretrain.data.records import ImageTextBatch
 from mmpretrain.data.text.masking import MaskingConfig
-from mmpretrain.data.text.objectives import text_batch
+from mmpretrain.data.text.objectives import concat_text_batches, text_batch
 from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.losses import clip_loss, siglip_loss, token_loss
+from mmpretrain.losses.objective import compute_losses
 from mmpretrain.models import TowerOptions, build_model, load_model_config
 from mmpretrain.train import step as step_module
-from mmpretrain.train.step import accumulate_step, cache_features, compute_losses, set_rng_state
+from mmpretrain.train.step import accumulate_step, cache_features, model_inputs, set_rng_state
 
 F64 = torch.float64
 TEXTS = ["A red circle sits on a blue square. It looks calm.", "Two small stars. They shine brightly at night.",
@@ -39,7 +41,7 @@ def _model(options: TowerOptions = TowerOptions()):
     return build_model(load_model_config("tiny"), options, sentence_pair=True).double().train()
 
 
-def _micro_batches(tokenizer, sizes=SIZES, seed: int = 0) -> list[dict]:
+def _micro_batches(tokenizer, sizes=SIZES, seed: int = 0) -> list[ImageTextBatch]:
     gen = torch.Generator().manual_seed(seed)
     batches, start = [], 0
     for n in sizes:
@@ -47,16 +49,20 @@ def _micro_batches(tokenizer, sizes=SIZES, seed: int = 0) -> list[dict]:
         start += n
         tokens = tokenizer.encode(texts)
         text = text_batch(texts, tokenizer, MaskingConfig(probability=0.3), gen, pair_objective="sop")
-        batches.append({"images": torch.randn(n, 3, 64, 64, generator=gen, dtype=F64), "tokens": tokens.ids,
-                        "eot_index": tokens.eot_index, "text": text, "captions": texts})
+        batches.append(ImageTextBatch(images=torch.randn(n, 3, 64, 64, generator=gen, dtype=F64), tokens=tokens.ids,
+                                      eot_index=tokens.eot_index, lengths=tokens.lengths,
+                                      labels=torch.full((n,), -1), captions=texts, text=text))
     return batches
 
 
-def _concat(batches: list[dict]) -> dict:
+def _concat(batches: list[ImageTextBatch]) -> ImageTextBatch:
     """One micro-batch holding all of `batches`, rows in order (the same masking and pair draws)."""
-    out = {k: torch.cat([b[k] for b in batches]) for k in ("images", "tokens", "eot_index")}
-    out["text"] = {k: torch.cat([b["text"][k] for b in batches]) for k in batches[0]["text"]}
-    return out
+    def cat(name):
+        return torch.cat([getattr(b, name) for b in batches])
+
+    return ImageTextBatch(images=cat("images"), tokens=cat("tokens"), eot_index=cat("eot_index"),
+                          lengths=cat("lengths"), labels=cat("labels"),
+                          text=concat_text_batches([b.text for b in batches]))
 
 
 def _run(model, batches, loss_cfg, **kwargs) -> tuple[dict, dict]:
@@ -134,16 +140,16 @@ def test_temperature_gradient_counted_once_not_k_times(case, tokenizer, monkeypa
 def test_patch_dropout_replays_the_cached_features(tokenizer):
     model = _model(TowerOptions(patch_dropout=0.5))
     batches = _micro_batches(tokenizer)
-    inputs = {k: batches[0][k] for k in ("images", "tokens", "eot_index")}
+    inputs = model_inputs(batches[0], text=False)
     # Dropout is really active: two plain forwards of one batch differ.
-    assert not torch.equal(model(**inputs)["image_features"], model(**inputs)["image_features"])
+    assert not torch.equal(model(**inputs).image_features, model(**inputs).image_features)
     torch.manual_seed(7)
     cache = cache_features(model, batches)
     for i in reversed(range(len(batches))):  # any order: the state of pass 1 is restored
         set_rng_state(cache["rng"][i], torch.device("cpu"))
-        live = model(**{k: batches[i][k] for k in ("images", "tokens", "eot_index")})
-        assert torch.equal(live["image_features"], cache["image_features"][i])
-        assert torch.equal(live["text_features"], cache["text_features"][i])
+        live = model(**model_inputs(batches[i], text=False))
+        assert torch.equal(live.image_features, cache["image_features"][i])
+        assert torch.equal(live.text_features, cache["text_features"][i])
     # The step itself: its window loss is the loss of the cached (pass-1) features.
     loss_cfg = LossConfig()
     torch.manual_seed(7)
@@ -157,8 +163,8 @@ def test_patch_dropout_replays_the_cached_features(tokenizer):
 
 def test_text_only_micro_batches(tokenizer):
     model = _model()
-    batches = [{"text": b["text"]} for b in _micro_batches(tokenizer)]
-    big, big_grads = _run(model, [{"text": _concat(_micro_batches(tokenizer))["text"]}], LossConfig())
+    batches = [b.text for b in _micro_batches(tokenizer)]
+    big, big_grads = _run(model, [_concat(_micro_batches(tokenizer)).text], LossConfig())
     acc, acc_grads = _run(model, batches, LossConfig())
     assert "clip_loss" not in acc and acc.keys() == big.keys()
     assert acc["loss"] == pytest.approx(big["loss"], rel=1e-10)
@@ -171,42 +177,46 @@ WEIGHTS = [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 1, 1, 1),
 def test_compute_losses_parts_and_weights(tokenizer):
     model = _model()
     batch = _concat(_micro_batches(tokenizer))
-    out = model(**{k: batch[k] for k in ("images", "tokens", "eot_index", "text")})
+    out = model(**model_inputs(batch))
+    mlm, ar, pair = out.text["mlm"], out.text["ar"], out.text["pair"]
     want = {
-        "clip_loss": clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["loss"],
-        "mlm_loss": token_loss(out["mlm_hidden"], out["decoder_weight"], out["mlm_labels"], bias=out["mlm_bias"])["loss"],
-        "ar_loss": token_loss(out["ar_hidden"], out["decoder_weight"], out["ar_labels"])["loss"],
-        "pair_loss": F.cross_entropy(out["pair_logits"], out["pair_labels"]),
+        "clip_loss": clip_loss(out.image_features, out.text_features, out.logit_scale)["loss"],
+        "mlm_loss": token_loss(mlm.hidden, mlm.decoder_weight, mlm.labels, bias=mlm.bias)["loss"],
+        "ar_loss": token_loss(ar.hidden, ar.decoder_weight, ar.labels)["loss"],
+        "pair_loss": F.cross_entropy(pair.logits, pair.labels),
     }
+    # The AR prediction keeps exactly the positions with a next token, in order.
+    ar_labels = batch.text.ar_labels
+    assert torch.equal(ar.labels, ar_labels[ar_labels != -100]) and ar.bias is None
     for w in WEIGHTS:
         cfg = LossConfig(clip_weight=w[0], mlm_weight=w[1], ar_weight=w[2], pair_weight=w[3])
         parts = compute_losses(out, cfg)
         for name, value in want.items():
-            assert float(parts[name]) == pytest.approx(value.detach().item(), rel=1e-12), name
-            assert not parts[name].requires_grad
+            assert float(parts.values[name]) == pytest.approx(value.detach().item(), rel=1e-12), name
+            assert not parts.values[name].requires_grad
         expected = sum(wi * want[k].detach().item() for wi, k in zip(w, ("clip_loss", "mlm_loss", "ar_loss", "pair_loss")))
-        assert parts["loss"].item() == pytest.approx(expected, rel=1e-12)
+        assert parts.loss.item() == pytest.approx(expected, rel=1e-12)
     # A zero weight keeps its head in the graph (DDP needs every parameter used): zero gradient.
     model.zero_grad(set_to_none=True)
-    compute_losses(out, LossConfig(mlm_weight=0.0))["loss"].backward()
+    compute_losses(out, LossConfig(mlm_weight=0.0)).loss.backward()
     assert torch.count_nonzero(model.mlm_head.dense.weight.grad) == 0
 
 
 def test_num_tokens_and_detach_scale(tokenizer):
     model = _model(TowerOptions(init_logit_bias=-10.0))
     batch = _concat(_micro_batches(tokenizer))
-    out = model(**{k: batch[k] for k in ("images", "tokens", "eot_index", "text")})
-    plain = compute_losses(out, LossConfig(contrastive="siglip"))
+    out = model(**model_inputs(batch))
+    plain = compute_losses(out, LossConfig(contrastive="siglip")).values
     halved = compute_losses(out, LossConfig(contrastive="siglip"),
-                            num_tokens={"mlm": 2 * plain["mlm_tokens"], "ar": 2 * plain["ar_tokens"], "pair": 24})
+                            num_targets={"mlm": 2 * plain["mlm_tokens"], "ar": 2 * plain["ar_tokens"], "pair": 24}).values
     for name in ("mlm_loss", "ar_loss", "pair_loss"):
         assert float(halved[name]) == pytest.approx(float(plain[name]) / 2, rel=1e-12)
-    want = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])["loss"]
+    want = siglip_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)["loss"]
     assert float(plain["clip_loss"]) == pytest.approx(want.detach().item(), rel=1e-12)
     detached = compute_losses(out, LossConfig(contrastive="siglip", mlm_weight=0, ar_weight=0, pair_weight=0),
                               detach_scale=True)
     model.zero_grad(set_to_none=True)
-    detached["loss"].backward()
+    detached.loss.backward()
     assert model.tower.logit_scale.grad is None and model.tower.logit_bias.grad is None
     assert model.tower.text_projection.grad is not None
 
@@ -214,7 +224,7 @@ def test_num_tokens_and_detach_scale(tokenizer):
 def test_misuse_is_a_value_error(tokenizer):
     model = _model()
     batch = _micro_batches(tokenizer, sizes=(2,))[0]
-    out = model(images=batch["images"], tokens=batch["tokens"], eot_index=batch["eot_index"])
+    out = model(images=batch.images, tokens=batch.tokens, eot_index=batch.eot_index)
     with pytest.raises(ValueError, match="logit bias"):
         compute_losses(out, LossConfig(contrastive="siglip"))
     with pytest.raises(ValueError, match="contrastive"):

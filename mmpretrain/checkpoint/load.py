@@ -22,11 +22,13 @@ from typing import Any
 
 from mmpretrain.checkpoint.layout import CHECKPOINT_META, CHECKPOINT_WEIGHTS, classify, latest_checkpoint
 from mmpretrain.checkpoint.meta import read_checkpoint_meta
+from mmpretrain.checkpoint.parts import read_tensors
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import read_json
 from mmpretrain.models.export import HEADS_META, HEADS_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size, validate_model_config
+from mmpretrain.models.weights import check_match, strip_prefixes
 
 
 @dataclass
@@ -69,7 +71,7 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
     cfg = validate_model_config(meta.get("model_config"), str(ckpt / CHECKPOINT_META))
     heads = Heads(**meta.get("heads", {}))
     model = _build(cfg, heads)
-    state = _strip_wrappers(_read_safetensors(ckpt / CHECKPOINT_WEIGHTS))
+    state = strip_prefixes(read_tensors(ckpt / CHECKPOINT_WEIGHTS))
     _load_strict(model, state, ckpt / CHECKPOINT_WEIGHTS)
     return LoadedModel(model.eval(), cfg, heads, "checkpoint", str(ckpt), step=meta.get("step"))
 
@@ -82,9 +84,9 @@ def _load_export(folder: Path) -> LoadedModel:
     heads_meta = read_json(folder / HEADS_META) if (folder / HEADS_META).is_file() else {}
     heads = Heads(**heads_meta.get("heads", {}))
     model = _build(cfg, heads)
-    state = {f"tower.{k}": v for k, v in _read_safetensors(folder / OPEN_CLIP_WEIGHTS).items()}
+    state = {f"tower.{k}": v for k, v in read_tensors(folder / OPEN_CLIP_WEIGHTS).items()}
     if (folder / HEADS_WEIGHTS).is_file():
-        state.update(_read_safetensors(folder / HEADS_WEIGHTS))
+        state.update(read_tensors(folder / HEADS_WEIGHTS))
     _load_strict(model, state, folder)
     return LoadedModel(model.eval(), cfg, heads, "export", str(folder), step=heads_meta.get("step"))
 
@@ -122,37 +124,7 @@ def _check_same_architecture(loaded: LoadedModel, name: str) -> None:
                         "leave --model out (it is only needed for open_clip weights files)")
 
 
-def _strip_wrappers(state: dict) -> dict:
-    """Keys as the bare model names them: accelerate saves a DDP/compiled model with `module.` /
-    `_orig_mod.` in front."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
 def _load_strict(model, state: dict, where: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{name} {keys[:4]}{' ...' if len(keys) > 4 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise UserError(f"{where}: weights do not match the stored architecture ({'; '.join(parts)})")
+    check_match(state, model.state_dict(), f"{where}: weights do not match the stored architecture",
+                "the folder was written for another model; use its own checkpoint.json/open_clip_config.json")
     model.load_state_dict(state, strict=True)
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path}: missing; the model directory is incomplete")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-

@@ -8,9 +8,7 @@ to the device in the train step. Every rank yields exactly `len(loader)` batches
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,16 +17,26 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmpretrain.config import DataConfig, MaskingConfig, PairObjective
 from mmpretrain.data.plan import derive_seed
+from mmpretrain.data.records import ImageTextBatch, TextBatch
 from mmpretrain.data.stream import Position, ShardStream, StreamConfig
-from mmpretrain.data.text.masking import MaskingConfig
-from mmpretrain.data.text.objectives import text_batch
+from mmpretrain.data.text.objectives import concat_text_batches, text_batch
 from mmpretrain.data.text.tokenizer import Tokenizer
+from mmpretrain.data.transforms import image_transforms
 from mmpretrain.errors import UserError
-from mmpretrain.shards.reader import iter_tar_samples
-from mmpretrain.shards.resolve import resolve
+from mmpretrain.shards.format import (
+    all_captions,
+    caption_problem,
+    image_ext,
+    image_hash,
+    member_bytes,
+    sample_label,
+    sample_metadata,
+)
+from mmpretrain.shards.reader import ShardError, iter_tar_samples
+from mmpretrain.shards.resolve import ShardSource, resolve
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PEEK_SAMPLES = 64  # how many samples of the first shard the up-front check reads
 
 
@@ -37,7 +45,7 @@ class TextBranch:
     """How the text batches (MLM + AR, optional sentence pairs) are made."""
 
     masking: MaskingConfig = MaskingConfig()
-    pair_objective: str | None = None  # None | "nsp" | "sop"
+    pair_objective: PairObjective | None = None
 
 
 class ImageTextDecoder:
@@ -52,12 +60,12 @@ class ImageTextDecoder:
             self.image_shape = tuple(transform(Image.new("RGB", (32, 32))).shape)
 
     def reject(self, sample: dict) -> str | None:
-        if not any(k in sample for k in IMAGE_KEYS):
+        if image_ext(sample) is None:
             return "missing_image"
-        return _caption_problem(sample.get(self.caption_key)) if self.require_caption else None
+        return caption_problem(sample.get(self.caption_key)) if self.require_caption else None
 
     def decode(self, sample: dict, skipped: Counter):
-        ext = next(k for k in IMAGE_KEYS if k in sample)
+        ext = image_ext(sample)
         try:
             image = Image.open(io.BytesIO(sample[ext]))
             image.load()
@@ -65,42 +73,38 @@ class ImageTextDecoder:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             skipped["decode_error"] += 1
             return None
-        meta = _metadata(sample)
+        meta = sample_metadata(sample)
         # Without require_caption (zero-shot on labelled images) a sample may have no usable caption.
-        caption = "" if _caption_problem(sample.get(self.caption_key)) else sample[self.caption_key].decode().strip()
+        caption = "" if caption_problem(sample.get(self.caption_key)) else sample[self.caption_key].decode().strip()
         return {
             "image": image,
             "caption": caption,
-            "all_captions": _all_captions(meta, caption),
+            "all_captions": all_captions(meta, caption),
             "key": sample["__key__"],
-            "label": _label(sample),
-            "hash": _image_hash(sample, ext, meta),
+            "label": sample_label(sample),
+            "hash": image_hash(sample, ext, meta),
             "source": (sample["__url__"], sample["__index__"]),
         }
 
-    def collate(self, items: list[dict], seed: int) -> dict:
+    def collate(self, items: list[dict], seed: int) -> ImageTextBatch:
         with torch.random.fork_rng(devices=[]):  # augmentation draws from the batch's own seed
             torch.manual_seed(seed)
             images = [self.transform(item["image"]) for item in items]
         captions = [item["caption"] for item in items]
         tokens = self.tokenizer.encode(captions)
-        batch = {
-            "images": torch.stack(images) if images else torch.empty((0, *self.image_shape)),
-            "tokens": tokens.ids,
-            "eot_index": tokens.eot_index,
-            "lengths": tokens.lengths,
-            "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
-            "keys": [item["key"] for item in items],
-            "image_hashes": [item["hash"] for item in items],
-            "captions": captions,
-            "all_captions": [item["all_captions"] for item in items],
-            "sources": [item["source"] for item in items],  # (shard url, index in the shard)
-        }
+        text = None
         if self.text_branch is not None:  # no text shards: the text branch learns from the captions
             generator = torch.Generator().manual_seed(seed)
-            batch["text"] = text_batch(captions, self.tokenizer, self.text_branch.masking, generator,
-                                       self.text_branch.pair_objective)
-        return batch
+            text = text_batch(captions, self.tokenizer, self.text_branch.masking, generator,
+                              self.text_branch.pair_objective)
+        return ImageTextBatch(
+            images=torch.stack(images) if images else torch.empty((0, *self.image_shape)),
+            tokens=tokens.ids, eot_index=tokens.eot_index, lengths=tokens.lengths,
+            labels=torch.tensor([item["label"] for item in items], dtype=torch.long),
+            keys=[item["key"] for item in items], image_hashes=[item["hash"] for item in items],
+            captions=captions, all_captions=[item["all_captions"] for item in items],
+            sources=[item["source"] for item in items], text=text,
+        )
 
 
 class TextDecoder:
@@ -115,44 +119,42 @@ class TextDecoder:
         self.sample_seed = sample_seed
 
     def reject(self, sample: dict) -> str | None:
-        return _caption_problem(sample.get(self.text_key))
+        return caption_problem(sample.get(self.text_key))
 
     def decode(self, sample: dict, skipped: Counter):
         return sample["__key__"], sample[self.text_key].decode("utf-8").strip()
 
-    def collate(self, items: list[tuple[str, str]], seed: int) -> dict:
+    def collate(self, items: list[tuple[str, str]], seed: int) -> TextBatch:
         texts = [text for _, text in items]
         branch = self.text_branch
         if self.sample_seed is None:
             generator = torch.Generator().manual_seed(seed)
             batch = text_batch(texts, self.tokenizer, branch.masking, generator, branch.pair_objective)
+        elif items:
+            batch = concat_text_batches([
+                text_batch([text], self.tokenizer, branch.masking,
+                           torch.Generator().manual_seed(derive_seed(self.sample_seed, "mask", key)),
+                           branch.pair_objective) for key, text in items])
         else:
-            rows = [text_batch([text], self.tokenizer, branch.masking,
-                               torch.Generator().manual_seed(derive_seed(self.sample_seed, "mask", key)),
-                               branch.pair_objective) for key, text in items]
-            empty = text_batch([], self.tokenizer, branch.masking, torch.Generator(), None)
-            batch = {k: torch.cat([r[k] for r in rows]) if rows else v for k, v in empty.items()}
-        batch["texts"] = texts
-        batch["keys"] = [key for key, _ in items]
+            batch = text_batch([], self.tokenizer, branch.masking, torch.Generator(), None)
+        batch.keys = [key for key, _ in items]
         return batch
 
 
 class Loader:
     """One epoch per `iter()`; `state_dict()` says how far it got, `load_state_dict()` resumes there.
-    `skipped` counts samples dropped as unusable, by reason (for logging)."""
+    `skipped` counts samples dropped as unusable, by reason, and batch slots "refilled" with a repeat;
+    `take_defects()` hands out the defective shards the workers met since the last call (for logging)."""
 
     def __init__(self, stream: ShardStream, num_workers: int = 2, pin_memory: bool = False,
                  prefetch_factor: int = 2):
         self.stream, self.num_workers = stream, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.skipped: Counter = Counter()
+        self._defects: list[dict] = []
 
     def __len__(self) -> int:
         return self.stream.batches_per_epoch()
-
-    @property
-    def epoch(self) -> int:
-        return self.stream.position.epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.position = Position(epoch=epoch)
@@ -169,23 +171,32 @@ class Loader:
             )
         self.stream.position = Position(state["epoch"], state["batches"], {int(k): v for k, v in state["raw"].items()})
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[ImageTextBatch | TextBatch]:
         pos = self.stream.position
         if pos.batches >= len(self):
             self.set_epoch(pos.epoch + 1)
             pos = self.stream.position
+        # Its own generator: without one every iter() draws the workers' base seed from the global torch
+        # generator, and a resumed run (which starts one more iterator) would continue one draw off.
+        # The stream seeds all of its randomness itself, so the base seed's value does not matter.
         loader = DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None, persistent_workers=False,
+            generator=torch.Generator().manual_seed(pos.epoch),
         )
-        for batch in loader:
-            meta = batch.pop("__meta__")
+        for batch, meta in loader:
             pos.batches += 1
             pos.raw[meta["worker"]] = meta["raw"]
             self.skipped.update(meta["skipped"])
+            self._defects += meta["defects"]
             yield batch
 
-    def forever(self) -> Iterator[dict]:
+    def take_defects(self) -> list[dict]:
+        """{"epoch", "shard", "problem", "samples", "missing", "message"} per defective shard met."""
+        taken, self._defects = self._defects, []
+        return taken
+
+    def forever(self) -> Iterator[ImageTextBatch | TextBatch]:
         """Epoch after epoch (resampled training, step-based schedules)."""
         while True:
             yield from self
@@ -224,59 +235,44 @@ def _check_first_shard(url: str, decoder) -> None:
     """Fail in seconds, naming the shard, when its samples lack what the loader needs (a shard set
     without captions would otherwise yield nothing, forever: open_clip #569)."""
     reasons: Counter = Counter()
-    members: set[str] = set()
-    for sample in iter_tar_samples(url, 0, PEEK_SAMPLES):
-        reason = decoder.reject(sample)
-        if reason is None:
-            return
-        reasons[reason] += 1
-        members.update(k for k in sample if not k.startswith("__"))
+    present: set[str] = set()
+    try:
+        for sample in iter_tar_samples(url, 0, PEEK_SAMPLES):
+            reason = decoder.reject(sample)
+            if reason is None:
+                return
+            reasons[reason] += 1
+            present.update(member_bytes(sample))
+    except ShardError:
+        if not reasons:
+            return  # a defective shard: the stream reports it (and evaluation stops on it)
     if reasons:
         raise UserError(
             f"shard {url}: none of its first {sum(reasons.values())} samples is usable "
-            f"({', '.join(f'{r} {n}' for r, n in reasons.items())}; members present: {sorted(members)}); "
+            f"({', '.join(f'{r} {n}' for r, n in reasons.items())}; members present: {sorted(present)}); "
             "check the caption/image keys or re-run `mmpretrain prepare`"
         )
     raise UserError(f"shard {url} holds no samples")
 
 
-def _caption_problem(raw: bytes | None) -> str | None:
-    if raw is None:
-        return "missing_caption"
-    try:
-        return None if raw.decode("utf-8").strip() else "empty_caption"
-    except UnicodeDecodeError:
-        return "caption_not_utf8"
-
-
-def _label(sample: dict) -> int:
-    try:
-        return int(sample["cls"].decode().strip()) if "cls" in sample else -1
-    except (ValueError, UnicodeDecodeError):
-        return -1
-
-
-def _metadata(sample: dict) -> dict:
-    """The sample's `.json` as a dict ({} when absent or unreadable: metadata is optional)."""
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _all_captions(meta: dict, caption: str) -> list[str]:
-    """Every caption of the image: the `.json`'s "captions" list when it holds strings (COCO/Flickr
-    style evaluation sets), else the one `.txt` caption."""
-    listed = meta.get("captions")
-    if isinstance(listed, list):
-        captions = [c.strip() for c in listed if isinstance(c, str) and c.strip()]
-        if captions:
-            return captions
-    return [caption]
-
-
-def _image_hash(sample: dict, ext: str, meta: dict) -> str:
-    """The sha256 that `prepare` recorded, else the hash of the image bytes (same definition)."""
-    digest = meta.get("sha256")
-    return digest if isinstance(digest, str) else hashlib.sha256(sample[ext]).hexdigest()
+def build_train_loaders(data: DataConfig, *, seed: int, image_size: int, text_branch: TextBranch | None,
+                        rank: int = 0, world: int = 1, pin_memory: bool = False) -> dict[str, Loader]:
+    """The training loaders of `data`: "image_text", and "text" when there are text shards and a text
+    branch (without text shards the branch's batches are made from the captions, inside each
+    ImageTextBatch)."""
+    weights = data.train_weights or [1.0] * len(data.train_shards)
+    stream = StreamConfig(shards=tuple(ShardSource(p, w) for p, w in zip(data.train_shards, weights)),
+                          batch_size=data.batch_size, mode=data.mode, seed=seed,
+                          shuffle_buffer=data.shuffle_buffer, samples_per_epoch=data.samples_per_epoch)
+    tokenizer = Tokenizer(context_length=data.context_length)
+    transform = image_transforms(image_size, train=True, augmentation=data.augmentation or None)
+    loaders = {"image_text": image_text_loader(
+        stream, tokenizer=tokenizer, transform=transform, rank=rank, world=world, num_workers=data.num_workers,
+        text_branch=None if data.text_shards else text_branch, pin_memory=pin_memory)}
+    if data.text_shards and text_branch is not None:
+        text_stream = StreamConfig(shards=tuple(ShardSource(p) for p in data.text_shards),
+                                   batch_size=data.text_batch_size, mode=data.mode, seed=seed + 1,
+                                   shuffle_buffer=data.shuffle_buffer)
+        loaders["text"] = text_loader(text_stream, tokenizer=tokenizer, text_branch=text_branch, rank=rank,
+                                      world=world, num_workers=data.num_workers)
+    return loaders

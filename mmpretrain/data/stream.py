@@ -4,6 +4,11 @@ Everything before decoding works on raw member bytes, so resuming skips consumed
 decoding them: a worker replays its raw stream (same shards, same shuffle) and drops the first
 `position` outputs. All randomness is drawn from generators seeded by (seed, purpose, epoch, rank,
 worker[, batch]); no global RNG leaks in or out.
+
+A defective shard (cut short, or holding fewer samples than sizes.json lists: shards.reader) does
+not stop training: its readable samples are used, the slots it leaves are refilled, and each batch's
+meta carries the defects its worker met (once per shard and epoch) to the main process, where the
+trainer logs them. Evaluation (drop_last=False, every sample exactly once) stops on one instead.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from mmpretrain.data.plan import (
     worker_block,
 )
 from mmpretrain.errors import UserError
-from mmpretrain.shards.reader import iter_tar_samples
+from mmpretrain.shards.reader import ShardError, iter_tar_samples
 from mmpretrain.shards.resolve import Shard, ShardSource
 
-# Resampled mode gives up when this many samples in a row were unusable (all shards bad).
+# Resampled mode gives up when this many samples in a row were unusable (all shards bad), or when
+# this many shards drawn in a row held no readable sample.
 MAX_CONSECUTIVE_BAD = 100_000
+MAX_EMPTY_DRAWS = 1000
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     drop_last: bool = True  # False (evaluation): every sample once, last batches may be short
     samples_per_epoch: int | None = None  # resampled: length of a (virtual) epoch; default: all samples
+
+    @property
+    def reads_past_defects(self) -> bool:
+        """Training reads on past a defective shard; evaluation's numbers would be wrong without it."""
+        return self.drop_last or self.mode == "resampled"
 
 
 @dataclass
@@ -85,14 +97,16 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + pos.batches) % num_workers
         plan = self._plan(worker, num_workers)
         done = min(plan.batches, consumed_by_worker(pos.batches, worker, num_workers))
-        raw = _RawStream(self._raw(plan, worker), self.decoder, pos.raw.get(worker, 0))
+        defects = _Defects(pos.epoch)
+        raw = _RawStream(self._raw(plan, worker, defects), self.decoder, pos.raw.get(worker, 0))
         for j in range(done, plan.batches):
             size = self._batch_size(plan, j)
             items = self._fill(raw, size)
             seed = derive_seed(self.cfg.seed, "batch", pos.epoch, self.rank, worker, j)
             batch = self.decoder.collate(items, seed)
-            batch["__meta__"] = {"worker": worker, "raw": raw.position, "skipped": dict(raw.take_skipped())}
-            yield batch
+            # (batch, meta): where the worker stands travels beside the typed batch record
+            yield batch, {"worker": worker, "raw": raw.position, "skipped": dict(raw.take_skipped()),
+                          "defects": defects.take()}
 
     def _plan(self, worker: int, num_workers: int) -> WorkerPlan:
         cfg = self.cfg
@@ -108,17 +122,26 @@ class ShardStream(IterableDataset):
     def _batch_size(self, plan: WorkerPlan, j: int) -> int:
         return max(0, min(self.cfg.batch_size, plan.samples - j * self.cfg.batch_size))
 
-    def _raw(self, plan: WorkerPlan, worker: int) -> Iterator[dict]:
+    def _raw(self, plan: WorkerPlan, worker: int, defects: _Defects) -> Iterator[dict]:
         cfg, epoch = self.cfg, self.position.epoch
         if cfg.mode == "epoch":
-            samples = (s for seg in plan.segments for s in iter_tar_samples(seg.shard.url, seg.start, seg.stop))
+            samples = (s for seg in plan.segments for s in self._read(seg.shard, defects, seg.start, seg.stop))
         else:
-            samples = self._resampled(derive_seed(cfg.seed, "resample", epoch, self.rank, worker))
+            samples = self._resampled(derive_seed(cfg.seed, "resample", epoch, self.rank, worker), defects)
         if not cfg.shuffle or cfg.shuffle_buffer <= 1:
             return samples
         return shuffled(samples, cfg.shuffle_buffer, derive_seed(cfg.seed, "buffer", epoch, self.rank, worker))
 
-    def _resampled(self, seed: int) -> Iterator[dict]:
+    def _read(self, shard: Shard, defects: _Defects, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+        """Samples [start, stop) of a shard; the readable ones when it is defective (training)."""
+        try:
+            yield from iter_tar_samples(shard.url, start, stop, shard.size)
+        except ShardError as e:
+            if not self.cfg.reads_past_defects:
+                raise
+            defects.add(shard, e)
+
+    def _resampled(self, seed: int, defects: _Defects) -> Iterator[dict]:
         """Shards drawn with replacement; a source's share of samples follows its weight."""
         rng = random.Random(seed)
         by_source: dict[int, list[Shard]] = {}
@@ -126,9 +149,15 @@ class ShardStream(IterableDataset):
             by_source.setdefault(shard.source, []).append(shard)
         sources = sorted(by_source)
         weights = [self.cfg.shards[s].weight / _mean_size(by_source[s]) for s in sources]
-        while True:
+        empty_draws = 0
+        while empty_draws < MAX_EMPTY_DRAWS:
             source = rng.choices(sources, weights)[0]
-            yield from iter_tar_samples(rng.choice(by_source[source]).url)
+            empty_draws += 1
+            for sample in self._read(rng.choice(by_source[source]), defects):
+                empty_draws = 0
+                yield sample
+        raise UserError(f"the last {MAX_EMPTY_DRAWS} shards drawn held no readable sample (rank {self.rank}; "
+                        f"defective shards met: {defects.summary()}); check the shards with `mmpretrain inspect`")
 
     def _fill(self, raw: _RawStream, size: int) -> list:
         items: list = []
@@ -152,6 +181,31 @@ class ShardStream(IterableDataset):
 def _mean_size(shards: list[Shard]) -> float:
     known = [s.size for s in shards if s.size]
     return sum(known) / len(known) if known else 1.0
+
+
+class _Defects:
+    """The defective shards a worker met this epoch, each recorded once, handed to the main process
+    with the next batch's meta."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.pending, self.seen = epoch, [], set()
+
+    def add(self, shard: Shard, e: ShardError) -> None:
+        if shard.url in self.seen:  # resampled mode draws a shard many times
+            return
+        self.seen.add(shard.url)
+        missing = None if shard.size is None else max(0, shard.size - e.samples)
+        self.pending.append({"epoch": self.epoch, "shard": shard.url, "problem": e.problem,
+                             "samples": e.samples, "missing": missing, "message": str(e)})
+
+    def take(self) -> list[dict]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    def summary(self) -> str:
+        names = sorted(self.seen)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return ", ".join(names[:3]) + more if names else "none"
 
 
 class _RawStream:

@@ -15,24 +15,24 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from mmpretrain.config import MaskingConfig
 from mmpretrain.data.loader import TextBranch, image_text_loader, text_loader
 from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
 from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.eval.retrieval import EvalInputError, group_captions, retrieval_metrics
 from mmpretrain.eval.text_metrics import TextMetrics, ar_counts, mlm_counts
 from mmpretrain.eval.zeroshot import class_embeddings, classification_metrics
 from mmpretrain.losses.collectives import all_gather_with_grad
-from mmpretrain.runtime import gather_objects, gather_sizes, rank_and_world
+from mmpretrain.runtime import broadcast_from_main, gather_objects, gather_sizes, rank_and_world
 from mmpretrain.shards.resolve import ShardSource
 
 LOGIT_CHUNK = 2048  # text positions decoded at a time: chunk x vocab logits, never B x L x vocab
@@ -64,12 +64,20 @@ class Embeddings:
     skipped: dict[str, int] = field(default_factory=dict)  # unusable samples by reason, all processes
 
 
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    """The task's metrics, the same on every process."""
+    embeddings: Embeddings | None = None
+    """The gathered embeddings behind them (retrieval, zero-shot), on the main process only."""
+
+
 class Evaluator:
     """Retrieval, zero-shot classification and text metrics for one model on one or many processes.
 
     `model` is a MultitaskModel already on `device`; `autocast` returns the forward's precision
-    context (e.g. accelerator.autocast). Results are returned on the main process (rank 0); the
-    other processes get None after taking their part in the collectives.
+    context (e.g. accelerator.autocast). Every process gets the task's EvalResult; the gathered
+    embeddings stay on the main process, which scores them.
     """
 
     def __init__(self, model, model_config: dict, *, device: torch.device | str = "cpu",
@@ -86,23 +94,26 @@ class Evaluator:
         return self.rank == 0
 
     # -- tasks -------------------------------------------------------------------------------------
-    def retrieval(self, shards: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> tuple[dict, Embeddings] | None:
+    def retrieval(self, shards: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> EvalResult:
         """Image<->text R@k, mean/median rank; captions of one image (equal hash, or a .json list) group."""
         emb = self.embed(shards, texts=True)
-        if not self.is_main:
-            return None
-        groups = self.caption_groups(emb)
-        image = emb.image[emb.text_sample[groups.image_rows]]  # (Ni, d): an image's first sample
-        metrics = retrieval_metrics(image, emb.text, groups.text_to_image, ks=tuple(ks),
-                                    chunk_size=self.settings.chunk_size)
-        return {**metrics, "num_samples": len(emb.sources)}, emb
 
-    def zeroshot(self, shards: Sequence[str], classnames: Sequence[str],
-                 templates: Sequence[str]) -> tuple[dict, Embeddings] | None:
+        def score() -> dict:
+            groups = self.caption_groups(emb)
+            image = emb.image[emb.text_sample[groups.image_rows]]  # (Ni, d): an image's first sample
+            metrics = retrieval_metrics(image, emb.text, groups.text_to_image, ks=tuple(ks),
+                                        chunk_size=self.settings.chunk_size)
+            return {**metrics, "num_samples": len(emb.sources)}
+
+        return self._shared(score, emb)
+
+    def zeroshot(self, shards: Sequence[str], classnames: Sequence[str], templates: Sequence[str]) -> EvalResult:
         """Top-1/5 and mean per-class recall against prompt-averaged class embeddings; labels = KEY.cls."""
         emb = self.embed(shards, texts=False)
-        if not self.is_main:
-            return None
+        return self._shared(lambda: self._classify(emb, shards, classnames, templates), emb)
+
+    def _classify(self, emb: Embeddings, shards: Sequence[str], classnames: Sequence[str],
+                  templates: Sequence[str]) -> dict:
         labelled = emb.labels >= 0
         if not labelled.any():
             raise EvalInputError(f"zeroshot: none of the {len(emb.labels)} samples of {', '.join(shards)} has a "
@@ -115,42 +126,48 @@ class Evaluator:
         metrics = classification_metrics(emb.image[labelled], class_emb, emb.labels[labelled],
                                          chunk_size=self.settings.chunk_size)
         metrics["unlabelled"] = int((~labelled).sum())
-        return metrics, emb
+        return metrics
+
+    def _shared(self, score: Callable[[], dict], emb: Embeddings) -> EvalResult:
+        """Metrics scored on the main process, then handed to every process; a bad input found while
+        scoring is the same EvalInputError on all of them (none is left waiting in a collective)."""
+        outcome: tuple[str, Any] = ("skip", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", score())
+            except EvalInputError as exc:
+                outcome = ("error", str(exc))
+        kind, value = broadcast_from_main(outcome)
+        if kind == "error":
+            raise EvalInputError(value)
+        return EvalResult(value, emb if self.is_main else None)
 
     @torch.no_grad()
     def text(self, shards: Sequence[str], *, seed: int = 0, masking: MaskingConfig = MaskingConfig(),
-             heads: frozenset[str] = frozenset({"mlm", "ar"})) -> dict | None:
+             heads: tuple[str, ...] = ("mlm", "ar")) -> EvalResult:
         """MLM accuracy on masked tokens (masks seeded per text) and AR perplexity, token-weighted."""
         loader = text_loader(self._stream(shards), tokenizer=self.tokenizer, text_branch=TextBranch(masking),
                              rank=self.rank, world=self.world, num_workers=self.settings.num_workers,
                              sample_seed=seed)
         sums, texts = TextMetrics(), 0
-        weight = self.model.tower.token_embedding.weight  # (V, D), the tied decoder
-        bias = self.model.mlm_head.bias if self.model.mlm_head is not None else None
         for batch in self._progress(loader, "text"):
-            if not batch["texts"]:
+            if not batch.texts:
                 continue
-            texts += len(batch["texts"])
-            inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
+            texts += len(batch.texts)
             with self.autocast():
-                out = self.model.text_outputs(inputs, heads=heads)
-            if "mlm_hidden" in out:
-                for logits, labels in _logit_chunks(out["mlm_hidden"], out["mlm_labels"], weight, bias):
-                    correct, count = mlm_counts(logits, labels)
-                    sums.update(mlm_correct=correct, mlm_tokens=count)
-            if "ar_hidden" in out:
-                keep = out["ar_labels"] != IGNORE_INDEX  # (B, L)
-                for logits, labels in _logit_chunks(out["ar_hidden"][keep], out["ar_labels"][keep], weight, None):
-                    nll, count = ar_counts(logits, labels)
-                    sums.update(ar_nll_sum=nll, ar_tokens=count)
+                out = self.model.text_predictions(batch.to(self.device), names=heads)
+            for logits, labels in out["mlm"].logit_chunks(LOGIT_CHUNK) if "mlm" in out else ():
+                correct, count = mlm_counts(logits, labels)
+                sums.update(mlm_correct=correct, mlm_tokens=count)
+            for logits, labels in out["ar"].logit_chunks(LOGIT_CHUNK) if "ar" in out else ():
+                nll, count = ar_counts(logits, labels)
+                sums.update(ar_nll_sum=nll, ar_tokens=count)
         totals = torch.cat([sums.as_tensor(), torch.tensor([float(texts)], dtype=torch.float64)])
         if self.world > 1:
             totals = totals.to(self.device)
             dist.all_reduce(totals)
-        if not self.is_main:
-            return None
-        totals = totals.cpu()
-        return {**TextMetrics.from_tensor(totals[:-1]).result(), "num_texts": int(totals[-1])}
+        totals = totals.cpu()  # every process holds the reduced sums: each scores them itself
+        return EvalResult({**TextMetrics.from_tensor(totals[:-1]).result(), "num_texts": int(totals[-1])})
 
     # -- embeddings --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -163,19 +180,19 @@ class Evaluator:
         images, text_parts, counts = [], [], []
         meta: dict[str, list] = {"labels": [], "hashes": [], "sources": [], "captions": []}
         for batch in self._progress(loader, "embed"):
-            if not batch["keys"]:  # a process's share can end with an empty batch (every rank yields as many)
+            if not batch.keys:  # a process's share can end with an empty batch (every rank yields as many)
                 continue
             with self.autocast():
-                images.append(self.model.encode_image(batch["images"].to(self.device)).float().cpu())
-            meta["labels"] += batch["labels"].tolist()
-            meta["hashes"] += batch["image_hashes"]
-            meta["sources"] += batch["sources"]
+                images.append(self.model.encode_image(batch.images.to(self.device)).float().cpu())
+            meta["labels"] += batch.labels.tolist()
+            meta["hashes"] += batch.image_hashes
+            meta["sources"] += batch.sources
             if texts:
-                captions = [c for caps in batch["all_captions"] for c in caps]
-                counts += [len(caps) for caps in batch["all_captions"]]
+                captions = [c for caps in batch.all_captions for c in caps]
+                counts += [len(caps) for caps in batch.all_captions]
                 meta["captions"] += captions
-                if captions == batch["captions"]:  # one caption per sample: the loader's workers tokenized it
-                    text_parts.append(self._encode_tokens(batch["tokens"], batch["eot_index"]))
+                if captions == batch.captions:  # one caption per sample: the loader's workers tokenized it
+                    text_parts.append(self._encode_tokens(batch.tokens, batch.eot_index))
                 else:
                     text_parts.append(self.encode_texts(captions))
         local_image = torch.cat(images) if images else torch.empty(0, self.embed_dim)
@@ -256,10 +273,3 @@ def _ranges(counts: np.ndarray) -> np.ndarray:
     ends = np.cumsum(counts)
     return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
 
-
-def _logit_chunks(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None):
-    """(logits (n, V) float32, labels (n,)) for LOGIT_CHUNK predicted positions at a time."""
-    for start in range(0, len(hidden), LOGIT_CHUNK):
-        h = hidden[start:start + LOGIT_CHUNK].float()  # (n, D)
-        logits = F.linear(h, weight.float(), None if bias is None else bias.float())  # (n, V)
-        yield logits, labels[start:start + LOGIT_CHUNK]

@@ -19,7 +19,6 @@ from PIL import Image
 
 import mmpretrain
 from mmpretrain.config import Precision, choices
-from mmpretrain.data.loader import IMAGE_KEYS
 from mmpretrain.eval.evaluator import Embeddings, EvalSettings, Evaluator
 from mmpretrain.eval.report import render_report, retrieval_examples
 from mmpretrain.eval.retrieval import EvalInputError
@@ -27,6 +26,7 @@ from mmpretrain.eval.templates import DEFAULT_TEMPLATES
 from mmpretrain.eval.zeroshot import classnames_from_shards, load_classnames, load_templates
 from mmpretrain.fileio import atomic_write
 from mmpretrain.runtime import make_accelerator
+from mmpretrain.shards.format import image_ext
 from mmpretrain.shards.reader import iter_tar_samples
 
 TASKS = ("retrieval", "zeroshot", "text")
@@ -67,20 +67,24 @@ def run_eval(req: EvalRequest) -> dict[str, Any] | None:
     task_settings: dict[str, Any] = {}
     if req.task == "retrieval":
         done = evaluator.retrieval(req.shards)
-        metrics, extra = (done[0], _retrieval_extra(evaluator, done[0], done[1], req)) if done else (None, None)
+        metrics = done.metrics
     elif req.task == "zeroshot":
         classnames = load_classnames(req.classnames) if req.classnames else classnames_from_shards(req.shards)
         templates = load_templates(req.templates) if req.templates else list(DEFAULT_TEMPLATES)
         task_settings = {"classnames": req.classnames or "dataset.json", "num_templates": len(templates)}
         done = evaluator.zeroshot(req.shards, classnames, templates)
-        metrics = _name_classes(done[0], classnames) if done else None
-        extra = _zeroshot_extra(metrics, done[1], req) if done else None
+        metrics = _name_classes(done.metrics, classnames)
     else:
-        metrics = evaluator.text(req.shards, seed=req.seed)
-        extra = {"counts": {"texts": metrics["num_texts"]} if metrics else {},
-                 "heads": [h for h in ("mlm", "ar") if getattr(loaded.heads, h)]}
-    if not accelerator.is_main_process:
+        done = evaluator.text(req.shards, seed=req.seed)
+        metrics = done.metrics
+    if not accelerator.is_main_process:  # the main process writes the report and the JSON
         return None
+    if req.task == "retrieval":
+        extra = _retrieval_extra(evaluator, metrics, done.embeddings, req)
+    elif req.task == "zeroshot":
+        extra = _zeroshot_extra(metrics, done.embeddings, req)
+    else:
+        extra = {"counts": {"texts": metrics["num_texts"]}, "heads": [h for h in ("mlm", "ar") if getattr(loaded.heads, h)]}
     result = {
         "task": req.task,
         "metrics": metrics,
@@ -160,7 +164,7 @@ def _title(req: EvalRequest) -> str:
 def load_sample_image(url: str, index: int) -> Image.Image:
     """Sample `index` of shard `url`, decoded (only the report's few retrieved images are read again)."""
     for sample in iter_tar_samples(url, index, index + 1):
-        ext = next((k for k in IMAGE_KEYS if k in sample), None)
+        ext = image_ext(sample)
         if ext is not None:
             with Image.open(io.BytesIO(sample[ext])) as image:
                 return image.convert("RGB")

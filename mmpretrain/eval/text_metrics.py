@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpretrain.data.text.masking import IGNORE_INDEX
+from mmpretrain.data.records import IGNORE_INDEX
 from mmpretrain.eval.retrieval import EvalInputError
 
 
@@ -64,16 +64,6 @@ class TextMetrics:
         self.mlm_tokens += mt
         self.ar_nll_sum += nll
         self.ar_tokens += at
-
-    def update_mlm(self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
-        """Add one MLM batch from its logits and labels (see mlm_counts)."""
-        correct, tokens = mlm_counts(logits, labels, ignore_index)
-        self.update(mlm_correct=correct, mlm_tokens=tokens)
-
-    def update_ar(self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
-        """Add one AR batch from its logits and shifted labels (see ar_counts)."""
-        nll, tokens = ar_counts(logits, labels, ignore_index)
-        self.update(ar_nll_sum=nll, ar_tokens=tokens)
 
     def merge(self, other: TextMetrics) -> TextMetrics:
         """Add another accumulator's sums into this one (e.g. another process's); returns self."""

@@ -8,7 +8,6 @@ class index, the same rule as retrieval (see retrieval.py).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from mmpretrain.eval.retrieval import (
     top_k,
 )
 from mmpretrain.eval.templates import DEFAULT_TEMPLATES
+from mmpretrain.shards.layout import DATASET
+from mmpretrain.shards.resolve import dataset_root
 
 EncodeText = Callable[[list[str]], Tensor]  # texts -> (len(texts), d) embeddings
 
@@ -157,19 +158,20 @@ def load_templates(path: str | Path) -> list[str]:
 def classnames_from_shards(patterns: Sequence[str]) -> list[str]:
     """The "classes" list of the `dataset.json` that `prepare` wrote beside the shards.
 
-    Looked for in each pattern's folder and its parent (shards live in NAME/train, NAME/val with
-    dataset.json in NAME/); every pattern must agree.
+    Looked for in each pattern's dataset folder (shards.layout: shards live in NAME/train, NAME/val
+    with dataset.json in NAME/); every pattern must agree.
     """
     found: dict[str, list[str]] = {}
     for pattern in patterns:
-        for candidate in _dataset_files(pattern):
-            try:
-                classes = json.loads(candidate.read_text(encoding="utf-8")).get("classes")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
-                found[str(candidate)] = classes
-                break
+        root = dataset_root(pattern)
+        if root is None:
+            continue
+        try:
+            classes = json.loads((root / DATASET).read_text(encoding="utf-8")).get("classes")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
+            found[str(root / DATASET)] = classes
     if not found:
         raise EvalInputError(f"zeroshot: no class names for {', '.join(patterns)}: no dataset.json with "
                              "\"classes\" beside the shards; pass --classnames FILE (one name per line, label 0 first)")
@@ -178,11 +180,3 @@ def classnames_from_shards(patterns: Sequence[str]) -> list[str]:
         raise EvalInputError(f"zeroshot: the shards' dataset.json files list different classes ({', '.join(found)}); "
                              "evaluate one dataset at a time or pass --classnames FILE")
     return lists[0]
-
-
-def _dataset_files(pattern: str) -> list[Path]:
-    if "://" in pattern or pattern.startswith("pipe:"):
-        return []
-    path = Path(pattern)
-    folder = path if path.is_dir() else Path(re.split(r"[*?\[{]", pattern, maxsplit=1)[0]).parent
-    return [folder / "dataset.json", folder.parent / "dataset.json"]

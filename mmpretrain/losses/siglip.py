@@ -7,6 +7,8 @@ gradient) instead of open_clip's neighbour exchange: the same sum, in one collec
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,6 +16,11 @@ from torch import Tensor
 from mmpretrain.losses.collectives import all_gather_with_grad
 from mmpretrain.losses.contrastive import as_scalar, check_pairs, compute_dtype
 from mmpretrain.runtime import gather_sizes, rank_and_world
+
+# The paper's (and open_clip's siglip configs') start: s = 10, b = -10, so that at initialisation the
+# many negatives do not swamp the loss (section 3.2).
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 def siglip_loss(

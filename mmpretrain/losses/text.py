@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmpretrain.data.text.masking import IGNORE_INDEX
+from mmpretrain.data.records import IGNORE_INDEX
 from mmpretrain.losses.contrastive import compute_dtype
 from mmpretrain.runtime import all_reduce_sum, rank_and_world
 

@@ -8,13 +8,12 @@ is assembled under a temporary name and renamed into place, so a crash never lea
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mmpretrain
 from mmpretrain.errors import UserError
+from mmpretrain.fileio import atomic_dir
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size
 
@@ -59,9 +58,7 @@ def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | P
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export {out}: exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         config = {"model_cfg": model_config, "preprocess_cfg": preprocess_config(model_config)}
         _write_json(tmp / OPEN_CLIP_CONFIG, config)
         save_file(_contiguous(model.export_state_dict()), str(tmp / OPEN_CLIP_WEIGHTS))
@@ -71,21 +68,7 @@ def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | P
         _write_json(tmp / HEADS_META, {"heads": vars(heads).copy(), "mmpretrain_version": mmpretrain.__version__,
                                        **(provenance or {})})
         _write_json(tmp / TOKENIZER_META, tokenizer_details(model_config["text_cfg"].get("context_length", 77)))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{new.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _contiguous(state: dict) -> dict:

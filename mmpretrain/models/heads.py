@@ -1,17 +1,28 @@
-"""Text heads on the shared trunk. They live outside the dual tower so its state dict stays open_clip's.
+"""Text heads on the shared trunk, and what each predicts. They live outside the dual tower so its
+state dict stays open_clip's.
 
-Both vocabulary decoders are tied to the token embedding (Press & Wolf 2017; BERT, GPT-2): the
-heads hold no (V, D) matrix of their own, the caller passes `tower.token_embedding.weight`. The
-vocabulary projection itself happens in the loss (mmpretrain.losses.token_loss), in chunks, because
-(N, 49410) logits are the largest tensor of the whole step on small machines.
+Each head runs the trunk in its own attention mode on its part of a `TextBatch` (`predict`) and returns
+a typed prediction that owns its decoding: `TokenPredictions` (vocabulary heads) and
+`PairPredictions` (the sentence-pair classifier). Both vocabulary decoders are tied to the token
+embedding (Press & Wolf 2017; BERT, GPT-2): the heads hold no (V, D) matrix of their own. The
+vocabulary projection happens in the loss (mmpretrain.losses.token_loss) or in `logit_chunks`, in
+chunks, because (N, 49410) logits are the largest tensor of the whole step on small machines.
+
+A new head: a module with `name` and `predict(tower, text)`, registered in TEXT_HEADS below, plus its
+loss in mmpretrain.losses.objective.OBJECTIVES.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mmpretrain.data.records import IGNORE_INDEX, TextBatch
+from mmpretrain.models.text_trunk import pool_at, text_hidden
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,37 @@ class Heads:
 
     def any(self) -> bool:
         return self.mlm or self.ar or self.sentence_pair
+
+    def names(self) -> list[str]:
+        """The TEXT_HEADS names of the heads that are on, in registry order."""
+        on = {"mlm": self.mlm, "ar": self.ar, "pair": self.sentence_pair}
+        return [name for name in TEXT_HEADS if on[name]]
+
+
+@dataclass
+class TokenPredictions:
+    """A vocabulary head's output at the positions it predicts."""
+
+    hidden: Tensor  # (N, D) inputs of the tied decoder, predicted positions only
+    labels: Tensor  # (N,) target ids
+    decoder_weight: Tensor  # (V, D) the token embedding
+    bias: Tensor | None = None  # (V,)
+
+    def logit_chunks(self, size: int = 2048) -> Iterator[tuple[Tensor, Tensor]]:
+        """(logits (n, V) float32, labels (n,)) for `size` positions at a time (evaluation)."""
+        weight = self.decoder_weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        for start in range(0, len(self.hidden), size):
+            h = self.hidden[start:start + size].float()  # (n, D)
+            yield F.linear(h, weight, bias), self.labels[start:start + size]  # (n, V)
+
+
+@dataclass
+class PairPredictions:
+    """The sentence-pair classifier's output."""
+
+    logits: Tensor  # (B, 2)
+    labels: Tensor  # (B,) 1 = true order / continuation
 
 
 class MLMHead(nn.Module):
@@ -41,24 +83,35 @@ class MLMHead(nn.Module):
         nn.init.normal_(self.dense.weight, std=width ** -0.5)
         nn.init.zeros_(self.dense.bias)
 
+    name = "mlm"
+
     def forward(self, hidden: Tensor) -> Tensor:
         """(N, D) states at masked positions → (N, D) inputs of the tied decoder."""
         return self.norm(self.act(self.dense(hidden)))
 
-    def logits(self, hidden: Tensor, embedding: Tensor) -> Tensor:
-        """(N, V) vocabulary logits, for evaluation and inspection (training uses the chunked loss)."""
-        return self(hidden) @ embedding.T + self.bias
+    def predict(self, tower: nn.Module, text: TextBatch) -> TokenPredictions:
+        hidden = text_hidden(tower, text.mlm_input_ids, causal=False, attention_mask=text.attention_mask)  # (B, L, D)
+        selected = text.mlm_labels != IGNORE_INDEX  # (B, L)
+        return TokenPredictions(self(hidden[selected]), text.mlm_labels[selected],  # (N, D), (N,)
+                                tower.token_embedding.weight, self.bias)
 
 
 class ARHead(nn.Module):
     """Next-token decoder tied to the token embedding: logits = h · Eᵀ. It has no parameters of its
     own; it exists so the text heads are uniform and so a checkpoint says the AR objective was on."""
 
+    name = "ar"
+
+    def __init__(self, width: int, vocab_size: int):  # every head is built as cls(width, vocab_size)
+        super().__init__()
+
     def forward(self, hidden: Tensor) -> Tensor:
         return hidden
 
-    def logits(self, hidden: Tensor, embedding: Tensor) -> Tensor:
-        return self(hidden) @ embedding.T
+    def predict(self, tower: nn.Module, text: TextBatch) -> TokenPredictions:
+        hidden = text_hidden(tower, text.ar_input_ids, causal=True)  # (B, L, D)
+        selected = text.ar_labels != IGNORE_INDEX  # (B, L)
+        return TokenPredictions(self(hidden[selected]), text.ar_labels[selected], tower.token_embedding.weight)
 
 
 class SentencePairHead(nn.Module):
@@ -67,13 +120,29 @@ class SentencePairHead(nn.Module):
     that is added to the token embeddings of the pair input; zero-initialised, so the trunk sees
     exactly its usual input at the start."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, vocab_size: int):
         super().__init__()
         self.segment_embedding = nn.Embedding(2, width)
         nn.init.zeros_(self.segment_embedding.weight)
         self.pooler = nn.Linear(width, width)
         self.classifier = nn.Linear(width, 2)
 
+    name = "pair"
+
     def forward(self, pooled: Tensor) -> Tensor:
         """(B, D) → (B, 2) logits; class 1 = true continuation / original order."""
         return self.classifier(torch.tanh(self.pooler(pooled)))
+
+    def predict(self, tower: nn.Module, text: TextBatch) -> PairPredictions:
+        pairs = text.pairs
+        if pairs is None:  # a head without input would get no gradient (and stall DDP)
+            raise ValueError("the sentence-pair head needs pair inputs: build text batches with "
+                             "pair_objective='nsp' or 'sop', or build the model with sentence_pair=False")
+        segments = self.segment_embedding(pairs.segment_ids)  # (B, L, D)
+        hidden = text_hidden(tower, pairs.input_ids, causal=False, attention_mask=pairs.attention_mask,
+                             extra_embedding=segments)  # (B, L, D)
+        return PairPredictions(self(pool_at(hidden, pairs.eot_index)), pairs.labels)
+
+
+# name -> head class; the model holds each enabled head as the attribute `{name}_head`.
+TEXT_HEADS: dict[str, type[nn.Module]] = {"mlm": MLMHead, "ar": ARHead, "pair": SentencePairHead}

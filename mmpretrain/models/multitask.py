@@ -2,37 +2,50 @@
 
 One `forward` serves every branch so that DDP/FSDP wrappers see one call per step:
 - image–text: `images` and `tokens` + `eot_index` → normalised features and the logit scale;
-- text: `text` (the dict of mmpretrain.data.text.objectives.text_batch) → what the token losses need.
-Either may be absent. Loss functions live in mmpretrain.losses; the train step weights and sums them.
+- text: a `TextBatch` → one prediction per enabled head (mmpretrain.models.heads).
+Either may be absent. It returns a `ModelOutput`; loss functions live in mmpretrain.losses and the
+objective (mmpretrain.losses.objective) weights and sums them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpretrain.data.text.masking import IGNORE_INDEX
-from mmpretrain.models.heads import ARHead, MLMHead, SentencePairHead
+from mmpretrain.data.records import TextBatch
+from mmpretrain.models.heads import TEXT_HEADS, Heads, PairPredictions, TokenPredictions
 from mmpretrain.models.text_trunk import pool_at, project_text, text_hidden
 from mmpretrain.models.towers import TowerOptions, build_dual_tower, image_tower_locked
 
-MAX_LOGIT_SCALE = math.log(100.0)
-TEXT_HEADS = frozenset({"mlm", "ar", "pair"})  # CLIP clamps the learned temperature so that s <= 100
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature so that s <= 100
+
+
+@dataclass
+class ModelOutput:
+    image_features: Tensor | None = None  # (B, E) normalised
+    text_features: Tensor | None = None  # (B, E) normalised
+    logit_scale: Tensor | None = None  # s = exp(learned), a scalar
+    logit_bias: Tensor | None = None  # SigLIP's bias, None for CLIP towers
+    text: dict[str, TokenPredictions | PairPredictions] = field(default_factory=dict)  # by head name
 
 
 class MultitaskModel(nn.Module):
-    def __init__(self, tower: nn.Module, *, mlm: bool = True, ar: bool = True, sentence_pair: bool = False):
+    def __init__(self, tower: nn.Module, heads: Heads = Heads(mlm=True, ar=True)):
         super().__init__()
         self.tower = tower
-        width = tower.token_embedding.weight.shape[1]
-        vocab = tower.token_embedding.weight.shape[0]
-        self.mlm_head = MLMHead(width, vocab) if mlm else None
-        self.ar_head = ARHead() if ar else None
-        self.pair_head = SentencePairHead(width) if sentence_pair else None
+        self.heads = heads
+        vocab, width = tower.token_embedding.weight.shape
+        for name in TEXT_HEADS:  # attributes `mlm_head`, ... keep the state-dict names of exports
+            setattr(self, f"{name}_head", TEXT_HEADS[name](width, vocab) if name in heads.names() else None)
+
+    def text_head(self, name: str) -> nn.Module | None:
+        return getattr(self, f"{name}_head")
 
     # ------------------------------------------------------------------ image–text
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
@@ -46,45 +59,26 @@ class MultitaskModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     # ------------------------------------------------------------------ text branch
-    def text_outputs(self, text: dict[str, Tensor], heads: frozenset[str] = TEXT_HEADS) -> dict[str, Tensor]:
-        """Outputs of the present heads among `heads` ("mlm", "ar", "pair"; training uses all)."""
-        out: dict[str, Tensor] = {}
-        embedding = self.tower.token_embedding.weight  # (V, D), the tied decoder
-        if self.mlm_head is not None and "mlm" in heads:
-            hidden = text_hidden(self.tower, text["mlm_input_ids"], causal=False,
-                                 attention_mask=text["attention_mask"])  # (B, L, D)
-            selected = text["mlm_labels"] != IGNORE_INDEX  # (B, L)
-            out.update(mlm_hidden=self.mlm_head(hidden[selected]),  # (N, D), masked positions only
-                       mlm_labels=text["mlm_labels"][selected], mlm_bias=self.mlm_head.bias,
-                       decoder_weight=embedding)
-        if self.ar_head is not None and "ar" in heads:
-            hidden = text_hidden(self.tower, text["ar_input_ids"], causal=True)  # (B, L, D)
-            out.update(ar_hidden=self.ar_head(hidden), ar_labels=text["ar_labels"], decoder_weight=embedding)
-        if self.pair_head is not None and "pair" in heads:
-            if "pair_input_ids" not in text:  # a head without input would get no gradient (and stall DDP)
-                raise ValueError("the sentence-pair head needs pair inputs: build text batches with "
-                                 "pair_objective='nsp' or 'sop', or build the model with sentence_pair=False")
-            segments = self.pair_head.segment_embedding(text["pair_segment_ids"])  # (B, L, D)
-            hidden = text_hidden(self.tower, text["pair_input_ids"], causal=False,
-                                 attention_mask=text["pair_attention_mask"], extra_embedding=segments)
-            out.update(pair_logits=self.pair_head(pool_at(hidden, text["pair_eot_index"])),
-                       pair_labels=text["pair_labels"])
-        return out
+    def text_predictions(self, text: TextBatch, names: Iterable[str] | None = None
+                         ) -> dict[str, TokenPredictions | PairPredictions]:
+        """Predictions of the enabled heads among `names` (None: all of them; training uses all)."""
+        wanted = self.heads.names() if names is None else [n for n in self.heads.names() if n in set(names)]
+        return {name: self.text_head(name).predict(self.tower, text) for name in wanted}
 
     def forward(self, images: Tensor | None = None, tokens: Tensor | None = None,
-                eot_index: Tensor | None = None, text: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+                eot_index: Tensor | None = None, text: TextBatch | None = None) -> ModelOutput:
+        out = ModelOutput()
         if images is not None:
-            out["image_features"] = self.encode_image(images)
+            out.image_features = self.encode_image(images)
         if tokens is not None:
             if eot_index is None:
                 raise ValueError("tokens need eot_index: the text embedding is pooled at the end-of-text position")
-            out["text_features"] = self.encode_text(tokens, eot_index)
+            out.text_features = self.encode_text(tokens, eot_index)
         if images is not None or tokens is not None:
-            out["logit_scale"] = self.tower.logit_scale.exp()
-            out["logit_bias"] = self.tower.logit_bias
+            out.logit_scale = self.tower.logit_scale.exp()
+            out.logit_bias = self.tower.logit_bias
         if text is not None:
-            out.update(self.text_outputs(text))
+            out.text = self.text_predictions(text)
         return out
 
     # ------------------------------------------------------------------ training-time behaviour
@@ -108,6 +102,7 @@ class MultitaskModel(nn.Module):
 def build_model(cfg: dict[str, Any], options: TowerOptions = TowerOptions(), *, mlm: bool = True,
                 ar: bool = True, sentence_pair: bool = False) -> MultitaskModel:
     """MultitaskModel from a validated model config (mmpretrain.models.load_model_config)."""
-    model = MultitaskModel(build_dual_tower(cfg, options), mlm=mlm, ar=ar, sentence_pair=sentence_pair)
+    heads = Heads(mlm=mlm, ar=ar, sentence_pair=sentence_pair)
+    model = MultitaskModel(build_dual_tower(cfg, options), heads)
     model.clamp_logit_scale_()
     return model

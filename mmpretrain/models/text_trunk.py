@@ -4,7 +4,7 @@
   caption (the contrastive text embedding) and every position can predict the next token (AR head).
 * bidirectional: every real token sees every real token, padding is masked out as a key (MLM and
   sentence-pair heads). open_clip's `no_causal_mask=True` alone would let tokens attend to padding
-  (DESIGN.md, measured), so the padding mask is built here from the true lengths: padding id 0 is also
+  (measured: the outputs change with the amount of padding), so the padding mask is built here from the true lengths: padding id 0 is also
   the real token "!", so it cannot be found by value.
 
 Both modes run the same modules with the same weights; only the attention mask differs.

@@ -3,7 +3,8 @@
 We build open_clip's own class rather than a look-alike so the state dict keeps open_clip's parameter
 names and shapes by construction: an exported tower loads with `open_clip.create_model(...,
 pretrained=FILE)`. Training-time switches (patch dropout, LiT locking, gradient checkpointing) are
-options here, not keys of the architecture file (STYLE 4).
+options here, not keys of the architecture file: architecture lives in data, training settings in the
+training config.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class TowerOptions:
     """Recompute activations in backward (both towers), trading ~30% compute for memory."""
     init_logit_bias: float | None = None
     """Add a learnable logit bias with this initial value (SigLIP uses -10)."""
+    init_logit_scale: float | None = None
+    """Initial log of the logit scale; None = the model config's (open_clip: log(1/0.07)). SigLIP: log(10)."""
 
     def __post_init__(self):
         if not 0.0 <= self.patch_dropout < 1.0:
@@ -47,6 +50,8 @@ def build_dual_tower(cfg: dict[str, Any], options: TowerOptions = TowerOptions()
         cfg["vision_cfg"]["patch_dropout"] = options.patch_dropout
     if options.init_logit_bias is not None:
         cfg["init_logit_bias"] = options.init_logit_bias
+    if options.init_logit_scale is not None:
+        cfg["init_logit_scale"] = options.init_logit_scale
     try:
         tower = CLIP(**cfg)
     except (TypeError, RuntimeError) as exc:  # e.g. a timm model without patch dropout, an unknown timm name

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from mmpretrain.errors import UserError
 
-_PREFIXES = ("module.", "_orig_mod.", "tower.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate, torch.compile
+_PREFIXES = (*WRAPPER_PREFIXES, "tower.")  # and our checkpoints' dual tower
 _SHOW = 6  # keys listed per kind of mismatch in the error line
 
 
@@ -47,7 +48,7 @@ def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
     except Exception as exc:  # torch/safetensors raise many types for corrupt or foreign files
         raise UserError(f"weights {path}: cannot read ({type(exc).__name__}: {exc})") from None
     report = LoadReport(str(path))
-    state = _strip_prefixes(state, report)
+    state = _tower_keys(state, report)
     model_state = tower.state_dict()
     _extend_vocab(state, model_state, report)
     if "logit_bias" in model_state and "logit_bias" not in state:
@@ -58,7 +59,8 @@ def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
         resize_pos_embed(state, tower)
     if _same_width(state, model_state, "positional_embedding"):
         resize_text_pos_embed(state, tower)
-    _check_match(state, model_state, path)
+    check_match(state, model_state, f"weights {path} do not fit this model config",
+                "use the model config the weights were trained with")
     tower.load_state_dict(state, strict=True)
     return report
 
@@ -67,12 +69,24 @@ def _same_width(state: dict[str, Tensor], model_state: dict[str, Tensor], key: s
     return key in state and key in model_state and state[key].shape[-1] == model_state[key].shape[-1]
 
 
-def _strip_prefixes(state: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+def strip_prefixes(state: dict[str, Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, Tensor]:
+    """Keys with any run of `prefixes` removed from their front (`module._orig_mod.x` -> `x`)."""
     out = {}
     for key, value in state.items():
-        for prefix in _PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _tower_keys(state: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+    """The dual tower's entries of a file that may also hold our text heads (listed in the report)."""
+    out = {}
+    for key, value in strip_prefixes(state, _PREFIXES).items():
         if key.split(".", 1)[0] in ("mlm_head", "ar_head", "pair_head"):
             report.ignored.append(key)
             continue
@@ -93,7 +107,8 @@ def _extend_vocab(state: dict[str, Tensor], model_state: dict[str, Tensor], repo
     report.extended_vocab = (have, want)
 
 
-def _check_match(state: dict[str, Tensor], model_state: dict[str, Tensor], path: Path) -> None:
+def check_match(state: dict[str, Tensor], model_state: dict[str, Tensor], where: str, what_to_do: str) -> None:
+    """A UserError listing missing, unexpected and wrongly shaped keys, unless `state` fits exactly."""
     missing = sorted(set(model_state) - set(state))
     unexpected = sorted(set(state) - set(model_state))
     shapes = sorted(k for k in set(state) & set(model_state) if state[k].shape != model_state[k].shape)
@@ -107,8 +122,7 @@ def _check_match(state: dict[str, Tensor], model_state: dict[str, Tensor], path:
     if shapes:
         shown = [f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}" for k in shapes[:_SHOW]]
         parts.append(f"shape mismatch {len(shapes)} ({', '.join(shown)}{', ...' if len(shapes) > _SHOW else ''})")
-    raise UserError(f"weights {path} do not fit this model config: {'; '.join(parts)}; "
-                    f"use the model config the weights were trained with")
+    raise UserError(f"{where}: {'; '.join(parts)}; {what_to_do}")
 
 
 def _listing(keys: list[str]) -> str:

@@ -29,10 +29,10 @@ from mmpretrain.prepare.images import ImageOptions
 from mmpretrain.prepare.samples import Result, process_image_input, process_text_input, sample_key
 from mmpretrain.prepare.sources import ColumnOptions, Input, class_names, detect_kind, iter_inputs
 from mmpretrain.prepare.text import TextOptions, iter_text_inputs
+from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, SPLITS, STATS
 from mmpretrain.shards.writer import ShardSequence, atomic_write
 
-SPLITS = ("train", "val")
-OUTPUT_FILES = ("sizes.json", "stats.json", "failures.jsonl", "dataset.json")
+OUTPUT_FILES = (SIZES, STATS, FAILURES, DATASET)
 WORK_DIR = ".prepare"  # resume state lives here until the run completes
 
 
@@ -90,7 +90,7 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict:
     plan = _plan(sources, opts, out)
     fingerprint = plan["fingerprint"] = opts.fingerprint([str(p) for p in plan["resolved"]])
     if _already_complete(out, fingerprint, opts.overwrite):
-        return json.loads((out / "stats.json").read_text())
+        return json.loads((out / STATS).read_text())
     state = _start(out, fingerprint, opts.overwrite)
     run = _Run(out, opts, plan, state)
     return run.execute()
@@ -139,7 +139,7 @@ def _streams(plan: dict, opts: PrepareOptions) -> list[Iterator[Input]]:
 
 
 def _already_complete(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    dataset = out / "dataset.json"
+    dataset = out / DATASET
     if overwrite or not dataset.is_file():
         return False
     done = json.loads(dataset.read_text()).get("fingerprint")
@@ -184,7 +184,7 @@ class _Run:
         self.splits = {
             s: ShardSequence(out / s, name, opts.shard_size, opts.max_shard_bytes) for s in SPLITS
         }
-        self.failures_path = self.work / "failures.jsonl"
+        self.failures_path = self.work / FAILURES
         self.hashes_path = self.work / "hashes.txt"
         self.tally, self.seen, self.resume_from, self.replay = Tally(), set(), 0, set()
         self.elapsed_before = 0.0
@@ -311,9 +311,9 @@ class _Run:
             "samples_per_s": round(total / elapsed, 1) if elapsed > 0 else None,
             "settings": _settings(self.opts),
         }
-        atomic_write(self.out / "stats.json", json.dumps(stats, indent=2) + "\n")
-        self.failures_path.replace(self.out / "failures.jsonl")
-        atomic_write(self.out / "dataset.json", json.dumps(self._dataset_info(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write(self.out / STATS, json.dumps(stats, indent=2) + "\n")
+        self.failures_path.replace(self.out / FAILURES)
+        atomic_write(self.out / DATASET, json.dumps(self._dataset_info(), indent=2, ensure_ascii=False) + "\n")
         shutil.rmtree(self.work, ignore_errors=True)
         return stats
 

@@ -10,6 +10,7 @@ from mmpretrain.errors import SampleError
 from mmpretrain.prepare.captions import clean_caption, decode_text
 from mmpretrain.prepare.images import ImageOptions, process_image
 from mmpretrain.prepare.sources import Input
+from mmpretrain.shards.format import sample_key
 
 
 @dataclass
@@ -24,10 +25,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.members is not None
-
-
-def sample_key(index: int) -> str:
-    return f"{index:09d}"
 
 
 def process_image_input(inp: Input, opts: ImageOptions) -> Result:

@@ -15,11 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpretrain.errors import UserError
+from mmpretrain.shards.format import (
+    CAPTION_EXT,
+    IMAGE_EXTS,
+    LABEL_EXT,
+    image_ext,
+    member_bytes,
+    sample_metadata,
+)
 from mmpretrain.shards.reader import ShardError, iter_tar_samples
 from mmpretrain.shards.resolve import expand
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Image files a source folder may hold (Pillow reads them all; `prepare` re-encodes them). Not the
+# image members of a shard: those are shards.format.IMAGE_EXTS.
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 KINDS = ("folder", "classes", "csv", "tsv", "jsonl", "parquet", "wds", "text")
 IMAGE_COLUMNS = ("image", "url", "path", "filepath", "file", "image_path")
@@ -87,7 +96,7 @@ def detect_kind(source: str, text_only: bool = False) -> str:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTS)
+    return name.lower().endswith(IMAGE_FILE_SUFFIXES)
 
 
 def _walk_names(root: Path, limit: int) -> Iterator[str]:
@@ -128,7 +137,7 @@ def iter_folder(root: Path) -> Iterator[Input]:
             by_stem.setdefault(stem, {})[ext.lower()] = os.path.join(dirpath, name)
         for stem in sorted(by_stem):
             files = by_stem[stem]
-            images = [files[e] for e in sorted(files) if e in IMAGE_EXTS]
+            images = [files[e] for e in sorted(files) if e in IMAGE_FILE_SUFFIXES]
             for image in images:
                 yield Input(
                     source=image,
@@ -299,31 +308,22 @@ def iter_tars(source: str) -> Iterator[Input]:
     for path in paths:
         try:
             for sample in iter_tar_samples(path):
-                members = {k: v for k, v in sample.items() if not k.startswith("__")}
-                yield _tar_input(path, sample["__key__"], members)
+                yield _tar_input(path, sample["__key__"], member_bytes(sample))
         except ShardError as e:
             yield Input(source=path, error=("corrupt_shard", str(e)))
 
 
-def _tar_input(path: str, key: str, members: dict[str, bytes]) -> Input:
+def _tar_input(path: str, key: str, parts: dict[str, bytes]) -> Input:
     where = f"{path}#{key}"
-    extra: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-            extra = {k: v for k, v in meta.items() if k not in _RECOMPUTED} if isinstance(meta, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            extra = {}
+    extra = {k: v for k, v in sample_metadata(parts).items() if k not in _RECOMPUTED}
     source = extra.pop("url", None) or extra.pop("source", None) or where
-    image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
-    if image_ext is None:
-        return Input(
-            source=where, error=("missing_image", f"sample has no image member ({'/'.join(WDS_IMAGE_EXTS)})")
-        )
-    inp = Input(source=str(source), data=members[image_ext], caption=members.get("txt"), extra=extra)
-    if "cls" in members:
+    image = image_ext(parts)
+    if image is None:
+        return Input(source=where, error=("missing_image", f"sample has no image member ({'/'.join(IMAGE_EXTS)})"))
+    inp = Input(source=str(source), data=parts[image], caption=parts.get(CAPTION_EXT), extra=extra)
+    if LABEL_EXT in parts:
         try:
-            inp.label = int(members["cls"].decode().strip())
+            inp.label = int(parts[LABEL_EXT].decode().strip())
         except (ValueError, UnicodeDecodeError):
             inp.error = ("invalid_label", f"{where}: .cls is not an integer")
     return inp

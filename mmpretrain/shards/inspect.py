@@ -1,41 +1,45 @@
 """`mmpretrain inspect`: read WebDataset shards once, validate every sample, summarise them.
 
 Accepts a `prepare` output directory (train/ val/ + sizes.json, stats.json, failures.jsonl), a flat
-directory of tars (img2dataset output), a single tar, or a brace/glob pattern. Tars are read in
-streaming mode so a huge shard never sits in memory; only one sample's members are held at a time.
+directory of tars (img2dataset output), a single tar, or a brace/glob pattern. Shards are read by
+the one reader (shards.reader), so inspect sees the samples and defects training sees; only one
+sample's members are held at a time.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import math
 import os
-import re
 import statistics
-import tarfile
 import textwrap
-import zlib
 from array import array
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from braceexpand import braceexpand
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from mmpretrain.errors import UserError
+from mmpretrain.shards.format import (
+    CAPTION_EXT,
+    IMAGE_EXTS,
+    LABEL_EXT,
+    caption_problem,
+    image_ext,
+    member_bytes,
+)
+from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, STATS, find_root, split_name, split_shards
+from mmpretrain.shards.reader import ShardError, iter_tar_samples
+from mmpretrain.shards.resolve import expand
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
 MAX_PROBLEMS = 50
 # Contact sheet geometry, in pixels; tests compute the expected size from these.
 THUMB, PAD, COLUMNS, CAPTION_LINES, LINE_HEIGHT = 160, 8, 8, 3, 14
 CELL_W, CELL_H = THUMB + PAD, THUMB + CAPTION_LINES * LINE_HEIGHT + 2 * PAD
-# webdataset's base_plus_ext: the key is the path up to the first dot of the basename.
-_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+_CAPTION_PROBLEMS = {"missing_caption": "has no caption (.txt)", "empty_caption": "has an empty caption",
+                     "caption_not_utf8": "has a caption that is not valid UTF-8"}
 
 
 @dataclass
@@ -101,63 +105,21 @@ def _resolve(target: str) -> tuple[dict[str, list[Path]], Path | None, bool, lis
     paths a brace pattern named that do not exist)."""
     path = Path(target)
     if path.is_dir():
-        splits = {d.name: sorted(d.glob("*.tar")) for d in sorted(path.iterdir()) if d.is_dir()}
-        splits = {k: v for k, v in splits.items() if v}
-        for p in sorted(path.glob("*.tar")):  # a split folder itself, or a flat img2dataset folder
-            splits.setdefault(_split_name(p), []).append(p)
+        splits = split_shards(path)
         if not splits:
             raise UserError(f"no .tar shards in {target} or its split folders; point inspect at the output "
                             "of `mmpretrain prepare` or a pattern like DIR/*.tar")
-        return splits, _find_root(path), True, []
-    if path.is_file():
-        return {_split_name(path): [path]}, _find_root(path.parent), False, []
-    found: list[Path] = []
-    for pattern in braceexpand(target):
-        found += [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+        return splits, find_root(path), True, []
+    found = [Path(p) for p in expand(target)]
     existing = list(dict.fromkeys(p for p in found if p.is_file()))
     if not existing:
         raise UserError(f"no shards found at {target}; give a directory, a .tar file or a pattern "
                         "like shards/NAME/train/NAME-{000000..000009}.tar")
     splits: dict[str, list[Path]] = {}
     for p in existing:
-        splits.setdefault(_split_name(p), []).append(p)
+        splits.setdefault(split_name(p), []).append(p)
     missing = [p for p in dict.fromkeys(found) if not p.is_file()]
-    return splits, _find_root(existing[0].parent), False, missing
-
-
-def _split_name(shard: Path) -> str:
-    # A prepare split folder carries sizes.json; anything else is one anonymous split.
-    return shard.parent.name if (shard.parent / "sizes.json").is_file() else "all"
-
-
-def _find_root(folder: Path) -> Path | None:
-    """The dataset folder holding stats.json / failures.jsonl / dataset.json: this one or its parent."""
-    for d in (folder, folder.parent):
-        if any((d / n).is_file() for n in ("stats.json", "failures.jsonl", "dataset.json")):
-            return d
-    return None
-
-
-def _iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) per sample, grouping consecutive members as webdataset does."""
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tf:
-        for info in tf:
-            m = _MEMBER.match(info.name)
-            if not info.isfile() or not m:
-                continue
-            data = tf.extractfile(info).read()
-            if m.group(1) != key:
-                if key is not None:
-                    yield key, members
-                key, members = m.group(1), {}
-            members[m.group(2).lower()] = data
-        plain = getattr(tf.fileobj, "comptype", "") == "tar"  # offsets only match the file when uncompressed
-        if plain and path.stat().st_size < tf.offset + 2 * tarfile.BLOCKSIZE:
-            # A tar cut at a member boundary reads as a clean end; only the end marker is missing.
-            raise tarfile.ReadError("end-of-archive marker missing (truncated)")
-    if key is not None:
-        yield key, members
+    return splits, find_root(existing[0].parent), False, missing
 
 
 class _Scan:
@@ -181,11 +143,12 @@ class _Scan:
     def shard(self, path: Path) -> int:
         n = 0
         try:
-            for key, members in _iter_samples(path):
+            for sample in iter_tar_samples(str(path)):
                 n += 1
-                self.sample(path, key, members)
-        except _TAR_ERRORS as e:
-            self.problem(f"{path}: unreadable tar after {n} samples ({e}); re-create or delete this shard")
+                self.sample(path, sample["__key__"], member_bytes(sample))
+        except ShardError as e:
+            why = e.reason or "its end-of-archive block is missing: cut short"
+            self.problem(f"{path}: unreadable tar after {e.samples} samples ({why}); re-create or delete this shard")
         return n
 
     def sample(self, path: Path, key: str, members: dict[str, bytes]) -> None:
@@ -193,7 +156,7 @@ class _Scan:
             where = "twice in this shard" if other == path else f"also in {other}"
             self.problem(f"{path}: sample {key} is a duplicate key, {where}")
         self.seen[key] = path
-        image = next((e for e in members if e in IMAGE_EXTS), None)
+        image = image_ext(members)
         if image is None:
             self.no_image_count += 1
             if len(self.no_image) < MAX_PROBLEMS:
@@ -201,9 +164,9 @@ class _Scan:
         else:
             self.any_image = True
             self._image(path, key, image, members[image])
-        self._caption(path, key, members.get("txt"))
-        if "cls" in members:
-            self.labels[members["cls"].strip()] += 1
+        self._caption(path, key, members.get(CAPTION_EXT))
+        if LABEL_EXT in members:
+            self.labels[members[LABEL_EXT].strip()] += 1
 
     def _image(self, path: Path, key: str, ext: str, data: bytes) -> None:
         try:
@@ -216,14 +179,9 @@ class _Scan:
         self.heights.append(h)
 
     def _caption(self, path: Path, key: str, data: bytes | None) -> None:
-        if data is None:
-            return self.problem(f"{path}: sample {key} has no caption (.txt)")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return self.problem(f"{path}: sample {key} has a caption that is not valid UTF-8")
-        if not text.strip():
-            return self.problem(f"{path}: sample {key} has an empty caption")
+        if problem := caption_problem(data):
+            return self.problem(f"{path}: sample {key} {_CAPTION_PROBLEMS[problem]}")
+        text = data.decode("utf-8")
         self.chars.append(len(text.strip()))
         self.words.append(len(text.split()))
 
@@ -238,11 +196,11 @@ def _read_json(path: Path, scan: _Scan) -> dict | None:
 def _failure_reasons(root: Path | None, scan: _Scan) -> dict[str, int]:
     if root is None:
         return {}
-    stats = _read_json(root / "stats.json", scan)
+    stats = _read_json(root / STATS, scan)
     if isinstance(stats, dict) and isinstance(stats.get("reasons"), dict):
         return {str(k): int(v) for k, v in stats["reasons"].items()}
     reasons: Counter = Counter()
-    path = root / "failures.jsonl"
+    path = root / FAILURES
     if path.is_file():
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
@@ -255,7 +213,7 @@ def _failure_reasons(root: Path | None, scan: _Scan) -> dict[str, int]:
 def _check_sizes(counts: dict[Path, int], whole_dirs: bool, scan: _Scan) -> bool | None:
     agree = None
     for folder in dict.fromkeys(p.parent for p in counts):
-        sizes = _read_json(folder / "sizes.json", scan)
+        sizes = _read_json(folder / SIZES, scan)
         if not isinstance(sizes, dict):
             continue
         agree = True if agree is None else agree
@@ -266,7 +224,7 @@ def _check_sizes(counts: dict[Path, int], whole_dirs: bool, scan: _Scan) -> bool
                 agree = False
                 said = "is not listed" if name not in sizes else f"lists {sizes[name]} samples"
                 has = "no such shard exists" if actual is None else f"the shard has {actual}"
-                scan.problem(f"{folder / 'sizes.json'}: {name} {said}, {has}; re-run prepare or fix sizes.json")
+                scan.problem(f"{folder / SIZES}: {name} {said}, {has}; re-run prepare or fix sizes.json")
     return agree
 
 
@@ -299,13 +257,12 @@ def _thumbs(picked: dict[Path, set[int]]) -> list[tuple[Image.Image, str]]:
     out = []
     for path, indices in picked.items():
         try:
-            for i, (_, members) in enumerate(_iter_samples(path)):
-                if i > max(indices):
-                    break
-                image = next((e for e in members if e in IMAGE_EXTS), None)
-                if i in indices and image is not None:
-                    out.append((_thumb(members[image]), members.get("txt", b"").decode("utf-8", "replace")))
-        except _TAR_ERRORS:
+            for sample in iter_tar_samples(str(path), min(indices), max(indices) + 1):
+                image = image_ext(sample)
+                if sample["__index__"] in indices and image is not None:
+                    caption = sample.get(CAPTION_EXT, b"").decode("utf-8", "replace")
+                    out.append((_thumb(sample[image]), caption))
+        except ShardError:
             continue  # already reported by the scan
     return out
 
@@ -350,11 +307,11 @@ def inspect_shards(target: str, grid: Path | None = None, grid_samples: int = 32
         sizes = [counts[p] for p in shards]
         report.splits[name] = SplitReport(len(shards), sum(sizes), {
             "min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)})
-    meta = _read_json(root / "dataset.json", scan) if root else None
+    meta = _read_json(root / DATASET, scan) if root else None
     report.text_only = (isinstance(meta, dict) and meta.get("kind") == "text") or not scan.any_image
     if not report.text_only:
         for path, key in scan.no_image:
-            scan.problem(f"{path}: sample {key} has no image (.jpg/.jpeg/.png/.webp)")
+            scan.problem(f"{path}: sample {key} has no image (.{'/.'.join(IMAGE_EXTS)})")
         scan.problem_count += scan.no_image_count - len(scan.no_image)
     report.image_width, report.image_height = _summary(scan.widths), _summary(scan.heights)
     report.caption_chars, report.caption_words = _summary(scan.chars), _summary(scan.words)

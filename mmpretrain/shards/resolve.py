@@ -1,9 +1,10 @@
-"""Shard patterns to a checked list of shards with sample counts.
+"""Shard patterns to a checked list of shards with sample counts: the one place that expands a
+pattern (directories, globs, brace ranges; local paths and remote URLs alike).
 
 Counts come from `sizes.json` beside the shards (open_clip's convention, written by `prepare`),
-from img2dataset's `NNNNN_stats.json`, or, for local tars with neither, from a scan of the tar
-headers (no member data is read). Remote shards (`pipe:`, http) need a sizes.json given explicitly
-in epoch mode, where exact per-process counts depend on them.
+from img2dataset's `NNNNN_stats.json`, or, for local tars with neither, from the reader's scan of
+the tar headers (no member data is read). Remote shards (`pipe:`, http) need a sizes.json given
+explicitly in epoch mode, where exact per-process counts depend on them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,6 +19,8 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from mmpretrain.errors import UserError
+from mmpretrain.shards.layout import SIZES, find_root, img2dataset_stats
+from mmpretrain.shards.reader import count_samples, is_remote
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,6 @@ class Shard:
     source: int  # index into the list of ShardSources
 
 
-def is_remote(url: str) -> bool:
-    return url.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))
-
-
 def expand(pattern: str, recursive: bool = False) -> list[str]:
     """Brace notation, globs and directories (every .tar in it, or below it, sorted) for local paths."""
     if is_remote(pattern):
@@ -51,6 +49,16 @@ def expand(pattern: str, recursive: bool = False) -> list[str]:
     for part in braceexpand(pattern):
         urls += sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
     return urls
+
+
+def dataset_root(pattern: str) -> Path | None:
+    """The dataset folder (layout.find_root) of a pattern's local shards; None for remote ones."""
+    if is_remote(pattern):
+        return None
+    if os.path.isdir(pattern):
+        return find_root(Path(pattern))
+    urls = expand(pattern)
+    return find_root(Path(urls[0]).parent) if urls else None
 
 
 def resolve(sources: list[ShardSource], need_sizes: bool) -> list[Shard]:
@@ -84,13 +92,13 @@ def _size(url: str, explicit: dict | None) -> int | None:
     if is_remote(url):
         return None
     path = Path(url)
-    sizes = _sizes_file(str(path.parent / "sizes.json"))
+    sizes = _sizes_file(str(path.parent / SIZES))
     if name in sizes:
         return int(sizes[name])
-    stats = path.with_name(f"{path.stem}_stats.json")  # img2dataset
+    stats = img2dataset_stats(path)
     if stats.is_file():
         return int(json.loads(stats.read_text())["successes"])
-    return count_samples(url)
+    return _count_samples(url)
 
 
 @cache
@@ -105,25 +113,4 @@ def _load_sizes(path: str) -> dict:
         raise UserError(f"sizes file {path} is unreadable ({e})") from None
 
 
-@cache
-def count_samples(path: str) -> int:
-    """Distinct consecutive keys in a local tar, from its headers alone."""
-    count, last = 0, None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                key = sample_key(info.name)
-                if key is not None and key != last:
-                    count, last = count + 1, key
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"shard {path} is not a readable tar ({e})") from None
-    return count
-
-
-def sample_key(name: str) -> str | None:
-    """webdataset's rule: the member path up to the first dot of its basename."""
-    dirname, base = os.path.split(name)
-    if "." not in base or base.startswith("."):
-        return None
-    stem = base.split(".", 1)[0]
-    return f"{dirname}/{stem}" if dirname else stem
+_count_samples = cache(count_samples)  # a pattern resolved twice (a loader, then evaluation) scans once

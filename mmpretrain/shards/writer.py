@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpretrain.fileio import atomic_write  # noqa: F401 (prepare's modules import it from here)
+from mmpretrain.shards.layout import SIZES, shard_name
 
 # Fixed tar member mtime: the same samples give the same bytes on every run and machine.
 TAR_MTIME = 0
@@ -85,7 +86,7 @@ class ShardSequence:
     _bytes: int = 0
 
     def shard_name(self, number: int) -> str:
-        return f"{self.name}-{number:06d}.tar"
+        return shard_name(self.name, number)
 
     def add(self, key: str, members: dict[str, bytes], index: int, digest: str) -> list[list]:
         """Write one sample; returns the [index, digest] pairs of shards finished by this call."""
@@ -147,7 +148,7 @@ class ShardSequence:
 
     def write_sizes(self) -> None:
         if self.sizes:
-            atomic_write(self.dir / "sizes.json", json.dumps(self.sizes, indent=2) + "\n")
+            atomic_write(self.dir / SIZES, json.dumps(self.sizes, indent=2) + "\n")
 
     def to_state(self) -> dict:
         return {"next_shard": self.next_shard, "sizes": self.sizes, "pending": self.pending}

@@ -7,8 +7,8 @@ dotted name contains "bn", "ln", "bias" or "logit_scale". 2-D embeddings — the
 DO get decay, as in open_clip; keeping that makes our runs comparable with theirs.
 
 The schedule is open_clip's `cosine_lr` / `const_lr` with a floor (`min_lr_ratio`), expressed as
-a multiplier for `torch.optim.lr_scheduler.LambdaLR`, so its state goes into checkpoints the usual
-way (accelerate saves registered schedulers).
+a multiplier for `torch.optim.lr_scheduler.LambdaLR`, whose position (a few numbers) a checkpoint keeps
+as JSON (mmpretrain.checkpoint.state).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ with the Agg canvas directly, so no pyplot global state (backend, current figure
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -17,20 +16,11 @@ from pathlib import Path
 
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import atomic_open
+from mmpretrain.train.runlog import METRICS_FILE, Metrics, read_metrics
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"  # the name mmpretrain.train.runlog writes
 DEFAULT_OUT = "curves.png"
 LOSS_ORDER = ("loss", "clip_loss", "mlm_loss", "ar_loss", "pair_loss")  # the rest follow by name
-
-
-@dataclass
-class Metrics:
-    """Numeric values by step, one dict per kind; each step's values come from its last line."""
-    train: dict[int, dict[str, float]] = field(default_factory=dict)
-    eval: dict[int, dict[str, float]] = field(default_factory=dict)
-    unreadable: int = 0
-    """Lines that were not a JSON object with a kind and a step (a write cut short by a kill)."""
 
 
 @dataclass
@@ -50,43 +40,6 @@ class Panel:
     log_y: bool = False
     right_label: str = ""
     right_fraction: bool = False  # the twin axis shows a fraction as 0-100 %
-
-
-def read_metrics(path: str | Path) -> Metrics:
-    metrics = Metrics()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                kind, step = row["kind"], int(row["step"])
-            except (ValueError, TypeError, KeyError):
-                metrics.unreadable += 1
-                continue
-            target = {"train": metrics.train, "eval": metrics.eval}.get(kind)
-            if target is None:
-                continue
-            values = {k: _number(v) for k, v in row.items() if k not in ("kind", "step", "time")}
-            target[step] = {k: v for k, v in values.items() if v is not None}  # a repeated step: later wins
-    metrics.train = dict(sorted(metrics.train.items()))
-    metrics.eval = dict(sorted(metrics.eval.items()))
-    return metrics
-
-
-def _number(value) -> float | None:
-    """A plotted number: ints and floats; the strings runlog writes for non-finite floats ("nan", "inf")."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-        return number if not math.isfinite(number) else None
-    return None
 
 
 def _series(rows: dict[int, dict[str, float]], key: str, **kwargs) -> Series:

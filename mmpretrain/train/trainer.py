@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +24,17 @@ from mmpretrain import runtime
 from mmpretrain.checkpoint.meta import checkpoint_meta
 from mmpretrain.checkpoint.state import find_resume, load_checkpoint, save_checkpoint
 from mmpretrain.config import Config, config_to_dict, require_training_data, save_config
-from mmpretrain.data.loader import Loader, TextBranch, image_text_loader, text_loader
-from mmpretrain.data.stream import StreamConfig
-from mmpretrain.data.text.tokenizer import Tokenizer
-from mmpretrain.data.transforms import image_transforms
+from mmpretrain.data.loader import Loader, TextBranch, build_train_loaders
+from mmpretrain.data.records import ImageTextBatch, TextBatch
 from mmpretrain.errors import UserError
-from mmpretrain.eval import DEFAULT_TEMPLATES, load_classnames, load_templates
-from mmpretrain.eval.evaluator import EvalSettings, Evaluator
-from mmpretrain.eval.zeroshot import classnames_from_shards
+from mmpretrain.eval.periodic import PeriodicEval
+from mmpretrain.losses.siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from mmpretrain.models import TowerOptions, build_model, load_model_config, load_open_clip_weights
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size
-from mmpretrain.shards.resolve import ShardSource, resolve
 from mmpretrain.train.optim import build_optimizer, build_scheduler
 from mmpretrain.train.runlog import RunLog, check_trackers
 from mmpretrain.train.step import accumulate_step
-
-SIGLIP_INIT_BIAS = -10.0  # Zhai et al. 2023
 
 
 class TrainingDiverged(UserError):
@@ -76,7 +71,7 @@ class Trainer:
             model.clamp_logit_scale_()
         optimizer = build_optimizer(model, cfg.optim, acc.device)
         # Not prepared by accelerate: its scheduler wrapper steps once per process per call; ours counts
-        # optimizer steps. Registered so that save_state/load_state keep its position.
+        # optimizer steps. Checkpoints keep its position (scheduler.json, mmpretrain.checkpoint.state).
         self.scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
         if cfg.model.compile:
             model = torch.compile(model)
@@ -84,15 +79,15 @@ class Trainer:
             raise UserError("train.accum_steps > 1 with DeepSpeed: its engine steps the optimizer inside "
                             "backward, which breaks exact contrastive accumulation; use DDP or FSDP, or accum_steps=1")
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
         self.step = 0
 
     def _tower_options(self) -> TowerOptions:
-        m = self.cfg.model
+        m, siglip = self.cfg.model, self.cfg.loss.contrastive == "siglip"
         return TowerOptions(
             patch_dropout=m.patch_dropout, lock_image=m.lock_image, lock_image_unlocked_groups=m.lock_image_unlocked_groups,
             grad_checkpointing=m.grad_checkpointing,
-            init_logit_bias=SIGLIP_INIT_BIAS if self.cfg.loss.contrastive == "siglip" else None,
+            init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
+            init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else None,
         )
 
     @property
@@ -100,7 +95,7 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[ImageTextBatch]) -> dict[str, float]:
         """Forward/backward over the micro-batches, clip, update; metrics averaged over processes."""
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
@@ -143,20 +138,22 @@ class Trainer:
         run_dir = Path(cfg.train.output_dir)
         resume = find_resume(cfg.train.resume, run_dir)
         loaders = self.build_loaders()
-        zeroshot_names = self._zeroshot_setup()
+        self.periodic = PeriodicEval(cfg.eval, heads=self.heads, model_config=self.model_cfg,
+                                     num_workers=cfg.data.num_workers, seed=cfg.train.seed)
         if resume is not None:
-            self.step = load_checkpoint(acc, resume, loaders)["step"]
+            self.step = load_checkpoint(acc, resume, loaders, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler)["step"]
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         acc.wait_for_everyone()
         log = RunLog(acc, run_dir, cfg.logging.project, config_to_dict(cfg), cfg.logging.trackers)
         try:
-            return self._loop(loaders, log, zeroshot_names, resumed_from=resume)
+            return self._loop(loaders, log, resumed_from=resume)
         finally:
             log.close()
 
-    def _loop(self, loaders: dict[str, Loader], log: RunLog, zeroshot_names, resumed_from) -> dict[str, Any]:
+    def _loop(self, loaders: dict[str, Loader], log: RunLog, resumed_from) -> dict[str, Any]:
         cfg, acc, k = self.cfg, self.accelerator, self.cfg.train.accum_steps
         streams = {name: loader.forever() for name, loader in loaders.items()}
         per_step = cfg.data.batch_size * k * acc.num_processes  # image-text pairs per optimizer step
@@ -175,111 +172,85 @@ class Trainer:
             elapsed = time.perf_counter() - started
             last = self.step == cfg.train.steps
             if self.step % cfg.logging.log_every == 0 or last:
-                # timing and skip counts cross processes on logged steps only: no extra collective per step
-                metrics.update(self._throughput(loaders, per_step, elapsed, waited))
+                # timing, skip counts and shard defects cross processes on logged steps only: no extra
+                # collective per step
+                data, defects = self._throughput(loaders, per_step, elapsed, waited)
+                metrics.update(data)
                 log.write("train", self.step, metrics)
+                log.shard_defects(self.step, defects)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{per_step / max(elapsed, 1e-9):.0f}")
             if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0) or last:
                 save_checkpoint(acc, cfg.train.output_dir, self.step, self._meta(), loaders,
-                                cfg.train.keep_checkpoints, self.model)
-            if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):
-                results = self.evaluate(zeroshot_names)
-                if results:
+                                cfg.train.keep_checkpoints, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler)
+            if self.periodic.due(self.step, last):
+                results = self.evaluate()
+                if results:  # the same on every process; logged and printed by the main one
                     log.write("eval", self.step, results)
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+                    if acc.is_main_process:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         bar.close()
         return metrics
 
-    def _throughput(self, loaders: dict[str, Loader], per_step: int, elapsed: float, waited: float) -> dict[str, float]:
-        skipped = sum(sum(loader.skipped.values()) for loader in loaders.values())
-        shared = self._mean_over_processes({"wait": waited, "elapsed": elapsed, "skipped": skipped})
+    def _throughput(self, loaders: dict[str, Loader], per_step: int, elapsed: float,
+                    waited: float) -> tuple[dict[str, float], list[dict]]:
+        """Logged-step data metrics over all processes, and the defective shards met since the last
+        logged step (gathered only when some process met one)."""
+        skipped = sum(n for loader in loaders.values() for reason, n in loader.skipped.items()
+                      if reason != "refilled")
+        refilled = sum(loader.skipped["refilled"] for loader in loaders.values())  # slots given a repeat
+        found = [d for loader in loaders.values() for d in loader.take_defects()]
+        shared = self._mean_over_processes({"wait": waited, "elapsed": elapsed, "skipped": skipped,
+                                            "refilled": refilled, "defects": len(found)})
+        world = self.accelerator.num_processes
+        defects = [d for part in runtime.gather_objects(found) for d in part] if shared["defects"] else []
         return {
             "samples_per_s": per_step / max(shared["elapsed"], 1e-9),
             "data_wait": shared["wait"] / max(shared["elapsed"], 1e-9),  # fraction of the step spent waiting
-            "skipped": round(shared["skipped"] * self.accelerator.num_processes),  # so far, all processes
+            "skipped": round(shared["skipped"] * world),  # so far, all processes
+            "refilled": round(shared["refilled"] * world),  # so far, all processes
             "epoch": self.step * self.cfg.train.accum_steps / len(loaders["image_text"]),
-        }
+        }, defects
 
     def _meta(self) -> dict[str, Any]:
         return checkpoint_meta(self.step, self.model_cfg, self.heads, config_to_dict(self.cfg))
 
-    def _to_device(self, image_text: dict, text: dict | None) -> dict:
-        device = self.accelerator.device
-        out = {k: image_text[k].to(device, non_blocking=True) for k in ("images", "tokens", "eot_index")}
-        text = text if text is not None else image_text.get("text")
-        if text is not None and self.heads.any():
-            out["text"] = {k: v.to(device, non_blocking=True) for k, v in text.items() if isinstance(v, torch.Tensor)}
-        return out
+    def _to_device(self, image_text: ImageTextBatch, text: TextBatch | None) -> ImageTextBatch:
+        """The micro-batch on the device; its text branch from the text loader when there is one."""
+        text = text if text is not None else image_text.text
+        batch = replace(image_text, text=text if self.heads.any() else None)
+        return batch.to(self.accelerator.device, non_blocking=True)
 
-    # -- data --------------------------------------------------------------------------------------
     def build_loaders(self) -> dict[str, Loader]:
         cfg, acc = self.cfg, self.accelerator
-        d = cfg.data
-        weights = d.train_weights or [1.0] * len(d.train_shards)
-        stream = StreamConfig(shards=tuple(ShardSource(p, w) for p, w in zip(d.train_shards, weights)),
-                              batch_size=d.batch_size, mode=d.mode, seed=cfg.train.seed,
-                              shuffle_buffer=d.shuffle_buffer, samples_per_epoch=d.samples_per_epoch)
-        tokenizer = Tokenizer(context_length=d.context_length)
         branch = TextBranch(cfg.data.masking, cfg.model.sentence_pair) if self.heads.any() else None
-        transform = image_transforms(image_size(self.model_cfg), train=True, augmentation=d.augmentation or None)
-        loaders = {"image_text": image_text_loader(
-            stream, tokenizer=tokenizer, transform=transform, rank=acc.process_index, world=acc.num_processes,
-            num_workers=d.num_workers, text_branch=None if d.text_shards else branch,
-            pin_memory=acc.device.type == "cuda")}
-        if d.text_shards and branch is not None:
-            text_stream = StreamConfig(shards=tuple(ShardSource(p) for p in d.text_shards), batch_size=d.text_batch_size,
-                                       mode=d.mode, seed=cfg.train.seed + 1, shuffle_buffer=d.shuffle_buffer)
-            loaders["text"] = text_loader(text_stream, tokenizer=tokenizer, text_branch=branch, rank=acc.process_index,
-                                          world=acc.num_processes, num_workers=d.num_workers)
-        return loaders
+        return build_train_loaders(cfg.data, seed=cfg.train.seed, image_size=image_size(self.model_cfg),
+                                   text_branch=branch, rank=acc.process_index, world=acc.num_processes,
+                                   pin_memory=acc.device.type == "cuda")
 
     # -- periodic evaluation -----------------------------------------------------------------------
-    def _zeroshot_setup(self) -> tuple[list[str], list[str]] | None:
-        """Class names and templates, checked before the first step rather than at the first evaluation."""
-        e = self.cfg.eval
-        if not (e.every and e.zeroshot_shards):
-            return None
-        names = load_classnames(e.classnames) if e.classnames else classnames_from_shards(e.zeroshot_shards)
-        return names, (load_templates(e.templates) if e.templates else list(DEFAULT_TEMPLATES))
+    def eval_model(self) -> torch.nn.Module:
+        """The model evaluation runs: the bare module, which holds every weight on every process under
+        DDP. FSDP shards the weights and the bare module's methods would see only this process's
+        shard, so there each process evaluates an unsharded copy built from the gathered full state."""
+        from accelerate.utils import DistributedType
 
-    def evaluate(self, zeroshot: tuple[list[str], list[str]] | None = None) -> dict[str, float]:
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return self.bare_model
+        return self.unsharded_copy()
+
+    def unsharded_copy(self) -> torch.nn.Module:
+        """A fresh model with the full weights of `self.model` (collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        copy = build_model(self.model_cfg, self._tower_options(), mlm=self.heads.mlm, ar=self.heads.ar,
+                           sentence_pair=self.heads.sentence_pair)
+        copy.load_state_dict(state, strict=True)
+        return copy.to(self.accelerator.device)
+
+    def evaluate(self) -> dict[str, float]:
         """The configured evaluations on the current weights; scalars named task/metric (main process)."""
-        e, acc = self.cfg.eval, self.accelerator
-        model = self.bare_model
-        model.eval()
-        settings = EvalSettings(batch_size=e.batch_size, num_workers=self.cfg.data.num_workers, progress=False)
-        evaluator = Evaluator(model, self.model_cfg, device=acc.device, settings=settings, autocast=acc.autocast)
-        results: dict[str, float] = {}
-        try:
-            if e.retrieval_shards:
-                done = evaluator.retrieval(limit_shards(e.retrieval_shards, e.max_samples))
-                results.update(_scalars("retrieval", done[0] if done else {}))
-            if zeroshot is not None:
-                done = evaluator.zeroshot(limit_shards(e.zeroshot_shards, e.max_samples), *zeroshot)
-                results.update(_scalars("zeroshot", done[0] if done else {}))
-            if e.text_shards and (self.heads.mlm or self.heads.ar):
-                done = evaluator.text(limit_shards(e.text_shards, e.max_samples), seed=self.cfg.train.seed)
-                results.update(_scalars("text", done or {}))
-        finally:
-            model.train()
-        return results
-
-
-def limit_shards(patterns: list[str], max_samples: int | None) -> list[str]:
-    """The first shards (in pattern order) that hold at least `max_samples` samples; all when None.
-    Whole shards, so the evaluated set is the same for any number of processes."""
-    if max_samples is None:
-        return list(patterns)
-    chosen, total = [], 0
-    for shard in resolve([ShardSource(p) for p in patterns], need_sizes=True):
-        chosen.append(shard.url)
-        total += shard.size
-        if total >= max_samples:
-            break
-    return chosen
-
-
-def _scalars(task: str, metrics: dict[str, Any]) -> dict[str, float]:
-    return {f"{task}/{k}": float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        acc = self.accelerator
+        return self.periodic.run(self.eval_model(), acc.device, acc.autocast)

@@ -51,6 +51,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmpretrain.data.loader import Loader, TextBranch, image_text_loader
+from mmpretrain.data.records import ImageTextBatch
 from mmpretrain.data.stream import StreamConfig
 from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
@@ -132,11 +133,11 @@ def epoch(loader, snap: dict | None = None) -> int:
     keys of the batch that follows (for the resume check), at the cost of one small dict copy."""
     n = 0
     for i, batch in enumerate(loader):
-        n += len(batch["images"] if isinstance(batch, dict) else batch[0])
+        n += len(batch.images if isinstance(batch, ImageTextBatch) else batch[0])
         if snap is not None and i == snap["at"] - 1:
             snap["state"] = loader.state_dict()
         elif snap is not None and i == snap["at"]:
-            snap["keys"] = batch["keys"]
+            snap["keys"] = batch.keys
     return n
 
 
@@ -146,7 +147,7 @@ def first_batch(loader) -> tuple[float, list]:
     batch = next(it)
     wall = time.perf_counter() - start
     it.close()
-    return wall, batch["keys"]
+    return wall, batch.keys
 
 
 # -- timing --------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.config import load_config
+from mmpretrain.data.records import ImageTextBatch
 from mmpretrain.data.text.masking import MaskingConfig
 from mmpretrain.data.text.objectives import text_batch
 from mmpretrain.data.text.tokenizer import Tokenizer
@@ -75,9 +76,9 @@ def _sentence(g: torch.Generator, low: int, high: int) -> str:
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())
 
 
-def make_batches(cfg, model_cfg: dict, count: int, seed: int) -> list[dict]:
-    """`count` micro-batches as the trainer's `_to_device` hands them over: images (B, 3, S, S), tokens
-    (B, L), eot_index (B,) and text, a text_batch dict of (B_text, L) tensors."""
+def make_batches(cfg, model_cfg: dict, count: int, seed: int) -> list[ImageTextBatch]:
+    """`count` micro-batches as the trainer's `_to_device` hands them over: ImageTextBatch records of
+    images (B, 3, S, S), tokens (B, L), eot_index (B,) and text, a TextBatch of (B_text, L) tensors."""
     g = torch.Generator().manual_seed(seed)
     tokenizer, size = Tokenizer(context_length=cfg.data.context_length), image_size(model_cfg)
     batches = []
@@ -85,9 +86,10 @@ def make_batches(cfg, model_cfg: dict, count: int, seed: int) -> list[dict]:
         captions = [_sentence(g, 5, 15) for _ in range(cfg.data.batch_size)]
         documents = [_sentence(g, 20, 40) for _ in range(cfg.data.text_batch_size)]
         tokens = tokenizer.encode(captions)
-        batches.append({"images": torch.randn(cfg.data.batch_size, 3, size, size, generator=g),
-                        "tokens": tokens.ids, "eot_index": tokens.eot_index,
-                        "text": text_batch(documents, tokenizer, MaskingConfig(), g)})
+        batches.append(ImageTextBatch(
+            images=torch.randn(cfg.data.batch_size, 3, size, size, generator=g), tokens=tokens.ids,
+            eot_index=tokens.eot_index, lengths=tokens.lengths, labels=torch.full((len(captions),), -1),
+            text=text_batch(documents, tokenizer, MaskingConfig(), g)))
     return batches
 
 
@@ -103,15 +105,15 @@ class Bare:
         self.model = build_model(model_cfg, mlm=cfg.model.mlm, ar=cfg.model.ar)
         self.optimizer = build_optimizer(self.model, cfg.optim)  # the same AdamW (fused) as the trainer's
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: ImageTextBatch) -> float:
         cfg, model = self.cfg.loss, self.model
         model.train()
-        out = model(batch["images"], batch["tokens"], batch["eot_index"], batch["text"])
-        clip = clip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+        out = model(batch.images, batch.tokens, batch.eot_index, batch.text)
+        clip = clip_loss(out.image_features, out.text_features, out.logit_scale,
                          local_loss=cfg.local_loss, tile_size=cfg.tile_size)["loss"]
-        mlm = token_loss(out["mlm_hidden"], out["decoder_weight"], out["mlm_labels"], bias=out["mlm_bias"],
-                         chunk_size=cfg.token_chunk_size)["loss"]
-        ar = token_loss(out["ar_hidden"], out["decoder_weight"], out["ar_labels"], chunk_size=cfg.token_chunk_size)["loss"]
+        m, a = out.text["mlm"], out.text["ar"]
+        mlm = token_loss(m.hidden, m.decoder_weight, m.labels, bias=m.bias, chunk_size=cfg.token_chunk_size)["loss"]
+        ar = token_loss(a.hidden, a.decoder_weight, a.labels, chunk_size=cfg.token_chunk_size)["loss"]
         loss = cfg.clip_weight * clip + cfg.mlm_weight * mlm + cfg.ar_weight * ar
         loss.backward()
         if self.cfg.optim.grad_clip is not None:

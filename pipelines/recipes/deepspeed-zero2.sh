@@ -17,7 +17,7 @@
 #     DDP with train.accum_steps.
 #   - Gradient clipping happens inside the engine (gradient_clipping: 1.0 in the YAML); accelerate's
 #     clip_grad_norm_ only reports the norm. Keep it equal to optim.grad_clip (1.0 in the recipes).
-#   - Resume: train.resume=latest, with the same number of processes and data.num_workers.
+#   - Resume: not exact under DeepSpeed (see below); start again from the weights with model.pretrained.
 set -euo pipefail
 
 SHARDS=${SHARDS:-"/data/cc3m/{00000..00331}.tar"}
@@ -28,16 +28,14 @@ RUN=${RUN:-runs/vit-b-16-zero2}
 python -c "import deepspeed" 2> /dev/null || { echo "deepspeed is not installed: pip install deepspeed" >&2; exit 2; }
 mmpretrain inspect "$SHARDS"
 
-# Preempted or killed? Run the same command again (train.resume=latest).
+# Under DeepSpeed a checkpoint holds the full weights but not the engine's (pickled) optimizer state, so
+# train.resume is refused: after a preemption start a new run from the last weights with
+# model.pretrained=RUN/checkpoints/step-N/model.safetensors (or train under FSDP for exact resume).
 accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml -m mmpretrain.train --config "$CONFIG" \
     data.train_shards="$SHARDS" eval.retrieval_shards="$VAL_SHARDS" \
-    train.output_dir="$RUN" train.accum_steps=1 optim.grad_clip=1.0 train.resume=latest
+    train.output_dir="$RUN" train.accum_steps=1 optim.grad_clip=1.0
 
-# Caution, unverified: `mmpretrain eval` and `mmpretrain export` read the checkpoint's model.safetensors.
-# The trainer writes that file itself under FSDP; under DeepSpeed it relies on accelerate's save_state,
-# which saves through the DeepSpeed engine (its own layout, e.g. pytorch_model/mp_rank_00_model_states.pt).
-# If eval does not recognise RUN/checkpoints/step-*/ as a checkpoint, that is the gap: consolidate with
-# the zero_to_fp32.py script DeepSpeed leaves in the checkpoint, or train under FSDP / DDP.
+# eval and export read the checkpoint's model.safetensors, which the trainer writes under DeepSpeed too.
 accelerate launch --config_file configs/accelerate/8gpu.yaml -m mmpretrain eval retrieval \
     --checkpoint "$RUN" --shards "$VAL_SHARDS" --precision bf16 --no-progress --out "$RUN/retrieval.json"
 mmpretrain export --checkpoint "$RUN" --out "exported/$(basename "$RUN")" --overwrite

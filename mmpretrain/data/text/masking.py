@@ -16,9 +16,8 @@ import torch
 from torch import Tensor
 
 from mmpretrain.config import MaskingConfig
+from mmpretrain.data.records import IGNORE_INDEX
 from mmpretrain.data.text.tokenizer import TokenBatch, Tokenizer
-
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
 def maskable(batch: TokenBatch, tokenizer: Tokenizer) -> Tensor:

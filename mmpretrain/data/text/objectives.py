@@ -9,11 +9,13 @@ split at the word boundary nearest the middle.
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 
 import torch
 from torch import Tensor
 
 from mmpretrain.config import PairObjective, choices
+from mmpretrain.data.records import SentencePairs, TextBatch
 from mmpretrain.data.text.masking import MaskingConfig, ar_targets, mask_tokens
 from mmpretrain.data.text.tokenizer import Tokenizer
 
@@ -66,28 +68,30 @@ def make_sentence_pairs(documents: list[str], objective: str,
 
 
 def text_batch(texts: list[str], tokenizer: Tokenizer, masking_cfg: MaskingConfig,
-               generator: torch.Generator, pair_objective: str | None = None) -> dict[str, Tensor]:
-    """Tensors for the text branch: MLM and AR views of `texts`, and sentence pairs when asked."""
+               generator: torch.Generator, pair_objective: str | None = None) -> TextBatch:
+    """The text branch's batch: MLM and AR views of `texts`, and sentence pairs when asked."""
     batch = tokenizer.encode(texts)
     mlm_input_ids, mlm_labels = mask_tokens(batch, tokenizer, masking_cfg, generator)
     ar_input_ids, ar_labels = ar_targets(batch)
-    out = {
-        "mlm_input_ids": mlm_input_ids,  # (B, L)
-        "mlm_labels": mlm_labels,  # (B, L), -100 = not predicted
-        "ar_input_ids": ar_input_ids,  # (B, L)
-        "ar_labels": ar_labels,  # (B, L), -100 = not predicted
-        "lengths": batch.lengths,  # (B,)
-        "eot_index": batch.eot_index,  # (B,)
-        "attention_mask": batch.attention_mask,  # (B, L) bool
-    }
+    pairs = None
     if pair_objective is not None:
         first, second, labels = make_sentence_pairs(texts, pair_objective, generator)
-        pairs = tokenizer.encode_pair(first, second)
-        out.update(
-            pair_input_ids=pairs.ids,  # (B, L)
-            pair_segment_ids=pairs.segment_ids,  # (B, L)
-            pair_attention_mask=pairs.attention_mask,  # (B, L) bool
-            pair_labels=labels,  # (B,)
-            pair_eot_index=pairs.eot_index,  # (B,)
-        )
-    return out
+        encoded = tokenizer.encode_pair(first, second)
+        pairs = SentencePairs(input_ids=encoded.ids, segment_ids=encoded.segment_ids,
+                              attention_mask=encoded.attention_mask, eot_index=encoded.eot_index, labels=labels)
+    return TextBatch(mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels, ar_input_ids=ar_input_ids,
+                     ar_labels=ar_labels, attention_mask=batch.attention_mask, eot_index=batch.eot_index,
+                     lengths=batch.lengths, pairs=pairs, texts=list(texts))
+
+
+def concat_text_batches(rows: list[TextBatch]) -> TextBatch:
+    """Row-wise concatenation of text batches (all with or all without pairs)."""
+    def cat(name: str, part=lambda r: r) -> Tensor:
+        return torch.cat([getattr(part(r), name) for r in rows])
+
+    pairs = None
+    if rows[0].pairs is not None:
+        pairs = SentencePairs(**{f.name: cat(f.name, lambda r: r.pairs) for f in fields(SentencePairs)})
+    tensors = {f.name: cat(f.name) for f in fields(TextBatch) if f.name not in ("pairs", "texts", "keys")}
+    return TextBatch(**tensors, pairs=pairs, texts=[t for r in rows for t in r.texts],
+                     keys=[k for r in rows for k in r.keys])

@@ -1,0 +1,130 @@
+"""The objective: every loss part of one forward, weighted and summed in one place.
+
+Each part is registered once in OBJECTIVES under the name of what it trains ("clip" for the
+contrastive loss, a head name from mmpretrain.models.heads.TEXT_HEADS for the text branch). Its
+weight is the config field `loss.{name}_weight`; its value is logged as `{name}_loss` next to its own
+metrics. Parts whose loss is a sum over predicted targets divided by a global count (token and pair
+losses) say how to count a batch's targets, so exact accumulation can divide by a window's count.
+
+A new text head registers its loss here:
+
+    OBJECTIVES["span"] = Objective(loss=_span_loss, count=lambda text: ...)   # plus loss.span_weight
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmpretrain.config import Contrastive, LossConfig, choices
+from mmpretrain.data.records import IGNORE_INDEX, TextBatch
+from mmpretrain.losses.contrastive import clip_loss
+from mmpretrain.losses.siglip import siglip_loss
+from mmpretrain.losses.text import token_loss
+from mmpretrain.models.heads import PairPredictions, TokenPredictions
+from mmpretrain.models.multitask import ModelOutput
+from mmpretrain.runtime import all_reduce_sum, rank_and_world
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable[..., dict[str, Tensor]]
+    """(prediction, loss_cfg, num_targets) -> {"loss": differentiable, metric name: detached value}."""
+    count: Callable[[TextBatch], Tensor] | None = None
+    """Targets of a text batch this loss divides by (None: not a per-target loss)."""
+
+
+@dataclass
+class LossParts:
+    """One forward's loss: `loss` = Σ weight × part (differentiable); `values` the detached parts
+    ("clip_loss", "mlm_loss", ...) and their metrics, named as they are logged."""
+
+    loss: Tensor
+    values: dict[str, Tensor] = field(default_factory=dict)
+
+    def floats(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.values.items()}}
+
+
+def _tokens(pred: TokenPredictions, loss_cfg: LossConfig, num_targets: Any, name: str) -> dict[str, Tensor]:
+    res = token_loss(pred.hidden, pred.decoder_weight, pred.labels, bias=pred.bias,
+                     chunk_size=loss_cfg.token_chunk_size, num_tokens=num_targets)
+    return {"loss": res["loss"], f"{name}_accuracy": res["accuracy"], f"{name}_tokens": res["tokens"]}
+
+
+def _pair(pred: PairPredictions, loss_cfg: LossConfig, num_targets: Any) -> dict[str, Tensor]:
+    """Cross-entropy summed here and divided by the global pair count, times the world size: the
+    same normalisation as token_loss, so DDP's gradient average gives the global-batch mean and an
+    accumulation window can pass its own count."""
+    logits = pred.logits.to(torch.promote_types(pred.logits.dtype, torch.float32))  # (n, 2) at least float32
+    total = F.cross_entropy(logits, pred.labels, reduction="sum")
+    correct = (logits.argmax(1) == pred.labels).sum()
+    count, correct = all_reduce_sum(torch.stack([correct.new_tensor(pred.labels.numel()), correct])).to(total.dtype)
+    n_global = count if num_targets is None else torch.as_tensor(num_targets, device=total.device).to(total.dtype)
+    _, world = rank_and_world()
+    return {"loss": total * world / n_global.clamp(min=1), "pair_accuracy": correct / count.clamp(min=1)}
+
+
+def _contrastive(out: ModelOutput, loss_cfg: LossConfig, detach_scale: bool) -> dict[str, Tensor]:
+    scale, bias = out.logit_scale, out.logit_bias
+    if detach_scale:  # exact accumulation takes their gradient in one re-run only (train/step.py)
+        scale = scale.detach()
+        bias = bias.detach() if bias is not None else None
+    img, txt = out.image_features, out.text_features  # (n, E) each
+    if loss_cfg.contrastive == "siglip":
+        if bias is None:
+            raise ValueError("the siglip loss needs a logit bias: build the model with "
+                             "TowerOptions(init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)")
+        res = siglip_loss(img, txt, scale, bias)
+        return {"loss": res["loss"], "pos_prob": res["pos_prob"], "neg_prob": res["neg_prob"],
+                "logit_scale": scale.detach().reshape(()), "logit_bias": bias.detach().reshape(())}
+    if loss_cfg.contrastive != "clip":
+        raise ValueError(f"loss.contrastive = {loss_cfg.contrastive!r}: must be one of {', '.join(choices(Contrastive))}")
+    res = clip_loss(img, txt, scale, local_loss=loss_cfg.local_loss, tile_size=loss_cfg.tile_size)
+    return {"loss": res["loss"], "acc_i2t": res["acc_i2t"], "acc_t2i": res["acc_t2i"],
+            "logit_scale": res["logit_scale"]}
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "clip": Objective(loss=_contrastive),
+    "mlm": Objective(loss=lambda p, c, n: _tokens(p, c, n, "mlm"),
+                     count=lambda text: (text.mlm_labels != IGNORE_INDEX).sum()),
+    "ar": Objective(loss=lambda p, c, n: _tokens(p, c, n, "ar"),
+                    count=lambda text: (text.ar_labels != IGNORE_INDEX).sum()),
+    "pair": Objective(loss=_pair, count=lambda text: torch.tensor(text.pairs.labels.numel() if text.pairs else 0)),
+}
+COUNTED = tuple(name for name, o in OBJECTIVES.items() if o.count is not None)  # per-target losses
+
+
+def compute_losses(out: ModelOutput, loss_cfg: LossConfig, *, num_targets: dict[str, Any] | None = None,
+                   detach_scale: bool = False) -> LossParts:
+    """Every part `out` allows: the contrastive loss when it has both features, one part per head
+    prediction. `num_targets` ({name: count}, any subset of COUNTED) replaces the global count a
+    per-target loss divides by (an accumulation window's count); `detach_scale` cuts the gradient of
+    the temperature and the logit bias. A weight of 0 still keeps its head in the graph (DDP)."""
+    num_targets = num_targets or {}
+    terms: dict[str, Tensor] = {}
+    values: dict[str, Tensor] = {}
+    if out.image_features is not None and out.text_features is not None:
+        res = _contrastive(out, loss_cfg, detach_scale)
+        terms["clip"] = res.pop("loss")
+        values.update(res)
+    for name, pred in out.text.items():
+        res = OBJECTIVES[name].loss(pred, loss_cfg, num_targets.get(name))
+        terms[name] = res.pop("loss")
+        values.update(res)
+    loss = weighted_sum(terms, loss_cfg)
+    return LossParts(loss, {**{f"{n}_loss": t.detach() for n, t in terms.items()},
+                            **{k: v.detach() for k, v in values.items()}})
+
+
+def weighted_sum(terms: dict[str, Tensor], loss_cfg: LossConfig) -> Tensor:
+    """Σ loss.{name}_weight × term over the parts present."""
+    if not terms:
+        raise ValueError("the model output has nothing to compute a loss from (no features, no text heads)")
+    return torch.stack([getattr(loss_cfg, f"{name}_weight") * term for name, term in terms.items()]).sum()
