@@ -231,3 +231,41 @@ def test_misuse_is_a_value_error(tokenizer):
         compute_losses(out, LossConfig(contrastive="infonce"))
     with pytest.raises(ValueError, match="at least one"):
         accumulate_step(model, [], LossConfig())
+
+
+def test_a_new_head_needs_only_its_class_and_its_registrations(tokenizer, monkeypatch):
+    """What the README's "adding a text head" promises: a head class, its TEXT_HEADS entry and Heads
+    flag, its OBJECTIVES entry and its weight; the model, the weighted sum and exact accumulation
+    (counting its targets over the window) take it up with no other change."""
+    from dataclasses import dataclass
+
+    from mmpretrain.losses import objective
+    from mmpretrain.models import heads as heads_module
+
+    class EchoHead(heads_module.MLMHead):  # predicts the MLM targets with parameters of its own
+        name = "echo"
+
+    @dataclass(frozen=True)
+    class WithEcho(heads_module.Heads):
+        echo: bool = True
+
+    @dataclass
+    class EchoLoss(LossConfig):
+        echo_weight: float = 0.5
+
+    monkeypatch.setitem(heads_module.TEXT_HEADS, "echo", EchoHead)
+    monkeypatch.setitem(objective.OBJECTIVES, "echo", objective.Objective(
+        loss=lambda pred, cfg, n: objective._tokens(pred, cfg, n, "echo"), count=objective.OBJECTIVES["mlm"].count))
+    torch.manual_seed(0)
+    model = build_model(load_model_config("tiny"), heads=WithEcho(mlm=True, ar=True, sentence_pair=True)).double()
+    assert isinstance(model.echo_head, EchoHead) and "echo" in objective.counted()
+    batches = _micro_batches(tokenizer)
+    loss_cfg = EchoLoss()
+    big, big_grads = _run(model, [_concat(batches)], loss_cfg)
+    acc, acc_grads = _run(model, batches, loss_cfg)
+    _assert_close_grads(acc_grads, big_grads)
+    assert big["echo_tokens"] == big["mlm_tokens"] > 0 and acc["echo_loss"] == pytest.approx(big["echo_loss"], rel=1e-10)
+    parts = ("clip", "mlm", "ar", "pair", "echo")
+    weights = {"clip": 1.0, "mlm": 1.0, "ar": 1.0, "pair": 1.0, "echo": 0.5}
+    assert big["loss"] == pytest.approx(sum(weights[p] * big[f"{p}_loss"] for p in parts), rel=1e-12)
+    assert big_grads["echo_head.dense.weight"].abs().sum() > 0

@@ -113,7 +113,7 @@ def _load_open_clip_file(path: Path, model_config: str | None) -> LoadedModel:
 def _build(cfg: dict[str, Any], heads: Heads):
     from mmpretrain.models.multitask import build_model
 
-    return build_model(cfg, mlm=heads.mlm, ar=heads.ar, sentence_pair=heads.sentence_pair)
+    return build_model(cfg, heads=heads)
 
 
 def _check_same_architecture(loaded: LoadedModel, name: str) -> None:

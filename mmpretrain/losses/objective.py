@@ -98,13 +98,17 @@ OBJECTIVES: dict[str, Objective] = {
                     count=lambda text: (text.ar_labels != IGNORE_INDEX).sum()),
     "pair": Objective(loss=_pair, count=lambda text: torch.tensor(text.pairs.labels.numel() if text.pairs else 0)),
 }
-COUNTED = tuple(name for name, o in OBJECTIVES.items() if o.count is not None)  # per-target losses
+
+
+def counted() -> tuple[str, ...]:
+    """The per-target losses (read at call time, so a registration made after import counts)."""
+    return tuple(name for name, o in OBJECTIVES.items() if o.count is not None)
 
 
 def compute_losses(out: ModelOutput, loss_cfg: LossConfig, *, num_targets: dict[str, Any] | None = None,
                    detach_scale: bool = False) -> LossParts:
     """Every part `out` allows: the contrastive loss when it has both features, one part per head
-    prediction. `num_targets` ({name: count}, any subset of COUNTED) replaces the global count a
+    prediction. `num_targets` ({name: count}, any subset of `counted()`) replaces the global count a
     per-target loss divides by (an accumulation window's count); `detach_scale` cuts the gradient of
     the temperature and the logit bias. A weight of 0 still keeps its head in the graph (DDP)."""
     num_targets = num_targets or {}

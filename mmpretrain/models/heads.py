@@ -8,14 +8,14 @@ embedding (Press & Wolf 2017; BERT, GPT-2): the heads hold no (V, D) matrix of t
 vocabulary projection happens in the loss (mmpretrain.losses.token_loss) or in `logit_chunks`, in
 chunks, because (N, 49410) logits are the largest tensor of the whole step on small machines.
 
-A new head: a module with `name` and `predict(tower, text)`, registered in TEXT_HEADS below, plus its
-loss in mmpretrain.losses.objective.OBJECTIVES.
+A new head: a module with `name` and `predict(tower, text)`, registered in TEXT_HEADS below and as a
+`Heads` flag, plus its loss in mmpretrain.losses.objective.OBJECTIVES and its config switch/weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +34,17 @@ class Heads:
     sentence_pair: bool = False
 
     def any(self) -> bool:
-        return self.mlm or self.ar or self.sentence_pair
+        return any(vars(self).values())
 
     def names(self) -> list[str]:
         """The TEXT_HEADS names of the heads that are on, in registry order."""
-        on = {"mlm": self.mlm, "ar": self.ar, "pair": self.sentence_pair}
-        return [name for name in TEXT_HEADS if on[name]]
+        return [name for name in TEXT_HEADS if getattr(self, _FLAGS.get(name, name))]
+
+    @classmethod
+    def of(cls, model_cfg) -> Heads:
+        """The heads a training config's `model` section turns on: `model.NAME` per head (true/false;
+        sentence_pair names its task, null = off)."""
+        return cls(**{f.name: bool(getattr(model_cfg, f.name)) for f in fields(cls)})
 
 
 @dataclass
@@ -146,3 +151,4 @@ class SentencePairHead(nn.Module):
 
 # name -> head class; the model holds each enabled head as the attribute `{name}_head`.
 TEXT_HEADS: dict[str, type[nn.Module]] = {"mlm": MLMHead, "ar": ARHead, "pair": SentencePairHead}
+_FLAGS = {"pair": "sentence_pair"}  # a Heads field named otherwise than its head (kept for checkpoint.json)

@@ -100,9 +100,10 @@ class MultitaskModel(nn.Module):
 
 
 def build_model(cfg: dict[str, Any], options: TowerOptions = TowerOptions(), *, mlm: bool = True,
-                ar: bool = True, sentence_pair: bool = False) -> MultitaskModel:
-    """MultitaskModel from a validated model config (mmpretrain.models.load_model_config)."""
-    heads = Heads(mlm=mlm, ar=ar, sentence_pair=sentence_pair)
+                ar: bool = True, sentence_pair: bool = False, heads: Heads | None = None) -> MultitaskModel:
+    """MultitaskModel from a validated model config (mmpretrain.models.load_model_config); `heads`, when
+    given, replaces the three flags."""
+    heads = heads if heads is not None else Heads(mlm=mlm, ar=ar, sentence_pair=sentence_pair)
     model = MultitaskModel(build_dual_tower(cfg, options), heads)
     model.clamp_logit_scale_()
     return model

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mmpretrain.config import LossConfig
 from mmpretrain.data.records import ImageTextBatch, TextBatch
-from mmpretrain.losses.objective import COUNTED, OBJECTIVES, compute_losses, weighted_sum
+from mmpretrain.losses.objective import OBJECTIVES, compute_losses, counted, weighted_sum
 from mmpretrain.runtime import all_reduce_sum
 
 MicroBatch = ImageTextBatch | TextBatch  # a TextBatch alone trains the text branch only
@@ -56,8 +56,8 @@ def accumulate_step(model: torch.nn.Module, micro_batches: list[MicroBatch], los
         backward(parts.loss)
         return parts.floats()
     cache = cache_features(model, micro_batches)
-    counts = count_targets(micro_batches)  # (K, len(COUNTED)) global counts of each per-target loss
-    window = {name: counts[:, j].sum() for j, name in enumerate(COUNTED)}
+    counts = count_targets(micro_batches)  # (K, len(counted())) global counts of each per-target loss
+    window = {name: counts[:, j].sum() for j, name in enumerate(counted())}
     per_batch = []
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -112,14 +112,14 @@ def cache_features(model: torch.nn.Module, micro_batches: list[MicroBatch]) -> d
 
 
 def count_targets(micro_batches: list[MicroBatch]) -> Tensor:
-    """(K, len(COUNTED)) long: the targets of each per-target loss in each micro-batch, summed over ranks."""
+    """(K, len(counted())) long: the targets of each per-target loss in each micro-batch, summed over ranks."""
     device = _device(micro_batches[0])
     rows = []
     for batch in micro_batches:
         text = _text(batch)
         rows.append(torch.stack([
             torch.as_tensor(OBJECTIVES[name].count(text), dtype=torch.long).to(device) if text is not None
-            else torch.zeros((), dtype=torch.long, device=device) for name in COUNTED]))
+            else torch.zeros((), dtype=torch.long, device=device) for name in counted()]))
     return all_reduce_sum(torch.stack(rows))  # one collective for the whole window
 
 
@@ -146,7 +146,7 @@ def merge_metrics(per_batch: list[dict[str, Tensor]], counts: Tensor, loss_cfg: 
     accuracies, the last re-run's value for the rest (the contrastive loss, temperature and target
     counts are window-wide in every re-run)."""
     merged = dict(per_batch[-1])
-    for j, name in enumerate(COUNTED):
+    for j, name in enumerate(counted()):
         if f"{name}_loss" in merged:
             merged[f"{name}_loss"] = torch.stack([p[f"{name}_loss"] for p in per_batch]).sum()
         key = f"{name}_accuracy"

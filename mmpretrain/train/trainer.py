@@ -63,9 +63,8 @@ class Trainer:
         if cfg.data.context_length > context:
             raise UserError(f"data.context_length = {cfg.data.context_length} exceeds the model's text context "
                             f"({context} in {cfg.model.name}); lower it")
-        self.heads = Heads(mlm=cfg.model.mlm, ar=cfg.model.ar, sentence_pair=cfg.model.sentence_pair is not None)
-        model = build_model(self.model_cfg, self._tower_options(), mlm=self.heads.mlm, ar=self.heads.ar,
-                            sentence_pair=self.heads.sentence_pair)
+        self.heads = Heads.of(cfg.model)
+        model = build_model(self.model_cfg, self._tower_options(), heads=self.heads)
         if cfg.model.pretrained:
             load_open_clip_weights(model.tower, cfg.model.pretrained)
             model.clamp_logit_scale_()
@@ -245,8 +244,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        copy = build_model(self.model_cfg, self._tower_options(), mlm=self.heads.mlm, ar=self.heads.ar,
-                           sentence_pair=self.heads.sentence_pair)
+        copy = build_model(self.model_cfg, self._tower_options(), heads=self.heads)
         copy.load_state_dict(state, strict=True)
         return copy.to(self.accelerator.device)
 
