@@ -28,7 +28,7 @@ from mmpretrain.fileio import read_json
 from mmpretrain.models.export import HEADS_META, HEADS_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size, validate_model_config
-from mmpretrain.models.weights import check_match, strip_prefixes
+from mmpretrain.models.weights import mismatch, shapes_of, strip_prefixes
 
 
 @dataclass
@@ -125,6 +125,8 @@ def _check_same_architecture(loaded: LoadedModel, name: str) -> None:
 
 
 def _load_strict(model, state: dict, where: Path) -> None:
-    check_match(state, model.state_dict(), f"{where}: weights do not match the stored architecture",
-                "the folder was written for another model; use its own checkpoint.json/open_clip_config.json")
+    problem = mismatch(state, shapes_of(model.state_dict()))
+    if problem:
+        raise UserError(f"{where}: weights do not match the stored architecture: {problem}; the folder was "
+                        "written for another model; use its own checkpoint.json/open_clip_config.json")
     model.load_state_dict(state, strict=True)

@@ -58,6 +58,7 @@ from mmpretrain.checkpoint.parts import (
     write_tensors,
 )
 from mmpretrain.errors import UserError
+from mmpretrain.models.weights import mismatch, shapes_of, strip_prefixes
 
 OPTIMIZER_JSON, OPTIMIZER_TENSORS = "optimizer.json", "optimizer.safetensors"
 SCHEDULER, SCALER = "scheduler.json", "scaler.json"
@@ -114,7 +115,7 @@ def _write_shared_parts(accelerator, folder: Path, model, optimizer, scheduler) 
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
     if not accelerator.is_main_process:
         return []
-    write_tensors(folder / CHECKPOINT_WEIGHTS, {_bare_name(k): v for k, v in weights.items()})
+    write_tensors(folder / CHECKPOINT_WEIGHTS, strip_prefixes(weights))
     parts = [CHECKPOINT_WEIGHTS]
     if optim is not None:
         structure, tensors = encode_optimizer(optim)
@@ -164,7 +165,7 @@ def load_checkpoint(accelerator, path: Path, loaders: dict[str, Any], *, model, 
                         f"from the weights with model.pretrained={path / CHECKPOINT_WEIGHTS}")
     inner = _inner(optimizer)
     live_model, live_optim = _live_state(model, inner)  # collective under FSDP: before anything can fail
-    shapes = {k: tuple(v.size()) for k, v in live_model.items()}
+    shapes = shapes_of(live_model)
     tuples = [{k for k, v in group.items() if isinstance(v, tuple)} for group in inner.param_groups]
     try:
         meta = _resumable_meta(accelerator, path)
@@ -242,12 +243,9 @@ def _load_into(owner, state: dict[str, Any], part: Path) -> None:
 
 def _read_weights(part: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     weights = read_tensors(part)
-    absent, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
-    wrong = sorted(k for k in set(weights) & set(shapes) if tuple(weights[k].shape) != shapes[k])
-    if absent or extra or wrong:
-        found = [f"{what} {keys[:3]}" for what, keys in (("missing", absent), ("unexpected", extra),
-                                                         ("wrong shape", wrong)) if keys]
-        raise invalid(part, f"weights do not fit this model: {'; '.join(found)}")
+    problem = mismatch(weights, shapes)
+    if problem:
+        raise invalid(part, f"weights do not fit this model: {problem}")
     return weights
 
 
@@ -281,9 +279,3 @@ def _first_error(accelerator, message: str | None) -> str | None:
 def _inner(optimizer):
     """The torch optimizer inside accelerate's AcceleratedOptimizer."""
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def _bare_name(key: str) -> str:
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key

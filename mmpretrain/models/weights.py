@@ -54,13 +54,15 @@ def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
     if "logit_bias" in model_state and "logit_bias" not in state:
         state["logit_bias"] = model_state["logit_bias"]  # CLIP weights into a SigLIP run: keep its init
         report.kept_from_model.append("logit_bias")
-    # open_clip's resizers assert on a width change; that is a mismatch for _check_match to report.
+    # open_clip's resizers assert on a width change; that is a mismatch for `mismatch` to report.
     if _same_width(state, model_state, "visual.positional_embedding"):
         resize_pos_embed(state, tower)
     if _same_width(state, model_state, "positional_embedding"):
         resize_text_pos_embed(state, tower)
-    check_match(state, model_state, f"weights {path} do not fit this model config",
-                "use the model config the weights were trained with")
+    problem = mismatch(state, shapes_of(model_state))
+    if problem:
+        raise UserError(f"weights {path} do not fit this model config: {problem}; "
+                        "use the model config the weights were trained with")
     tower.load_state_dict(state, strict=True)
     return report
 
@@ -100,29 +102,34 @@ def _extend_vocab(state: dict[str, Tensor], model_state: dict[str, Tensor], repo
         return
     have, want = state[key].shape[0], model_state[key].shape[0]
     if have >= want or state[key].shape[1:] != model_state[key].shape[1:]:
-        return  # equal, or a mismatch _check_match reports
+        return  # equal, or a mismatch that `mismatch` reports
     old = state[key]  # (V_file, D)
     extra = old.float().mean(dim=0, keepdim=True).to(old.dtype).expand(want - have, -1)  # (V_new, D)
     state[key] = torch.cat([old, extra], dim=0)  # (V, D)
     report.extended_vocab = (have, want)
 
 
-def check_match(state: dict[str, Tensor], model_state: dict[str, Tensor], where: str, what_to_do: str) -> None:
-    """A UserError listing missing, unexpected and wrongly shaped keys, unless `state` fits exactly."""
-    missing = sorted(set(model_state) - set(state))
-    unexpected = sorted(set(state) - set(model_state))
-    shapes = sorted(k for k in set(state) & set(model_state) if state[k].shape != model_state[k].shape)
-    if not (missing or unexpected or shapes):
-        return
+def mismatch(state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What keeps `state` from fitting a model whose parameters have `shapes` (missing, unexpected and
+    wrongly shaped keys, a few of each named), or None when it fits exactly."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    wrong = sorted(k for k in set(state) & set(shapes) if tuple(state[k].shape) != tuple(shapes[k]))
+    if not (missing or unexpected or wrong):
+        return None
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} ({_listing(missing)})")
     if unexpected:
         parts.append(f"unexpected {len(unexpected)} ({_listing(unexpected)})")
-    if shapes:
-        shown = [f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}" for k in shapes[:_SHOW]]
-        parts.append(f"shape mismatch {len(shapes)} ({', '.join(shown)}{', ...' if len(shapes) > _SHOW else ''})")
-    raise UserError(f"{where}: {'; '.join(parts)}; {what_to_do}")
+    if wrong:
+        shown = [f"{k} {tuple(state[k].shape)} vs {tuple(shapes[k])}" for k in wrong[:_SHOW]]
+        parts.append(f"shape mismatch {len(wrong)} ({', '.join(shown)}{', ...' if len(wrong) > _SHOW else ''})")
+    return "; ".join(parts)
+
+
+def shapes_of(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def _listing(keys: list[str]) -> str:

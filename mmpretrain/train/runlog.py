@@ -1,5 +1,6 @@
 """What a run records, and reading it back: `metrics.jsonl` in the run directory (always; one JSON
-object per line, written and flushed by the main process; `read_metrics` reads it) and accelerate's trackers (TensorBoard by default, wandb when asked).
+object per line, written and flushed by the main process; `read_metrics` reads it) and accelerate's
+trackers (TensorBoard by default, wandb when asked).
 
 Lines are `{"kind": "train" | "eval" | "data", "step", "time", ...}`; a "data" line names a defective
 shard (shard, problem, missing samples), once per shard and epoch, and is also a warning on stderr."""
