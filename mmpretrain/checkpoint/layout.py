@@ -37,6 +37,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_hint(run_dir: str | Path) -> str:
+    """What to tell a user whose run stopped on a full disk (ends a DiskFull message)."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return "free space and rerun the same command (no checkpoint was written yet)"
+    return f"free space and rerun with train.resume=latest to continue from {last.name} (kept as latest)"
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_write
+from mmpretrain.fileio import atomic_write, writing
 
 
 def invalid(path: str | os.PathLike, reason: object) -> UserError:
@@ -53,9 +53,10 @@ def write_tensors(path: Path, tensors: dict) -> None:
         if tensor.numel() and where in seen:
             raise RuntimeError(f"{path}: {key} and {seen[where]} are the same memory")
         seen[where] = key
-    save_file({k: _own_memory(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    with writing(path):  # safetensors reports a full disk as its own error type
+        save_file({k: _own_memory(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
     os.chmod(path, 0o644)  # safetensors creates 0600; run folders are read by other people
 
 

@@ -45,6 +45,7 @@ from mmpretrain.checkpoint.layout import (
     checkpoint_name,
     classify,
     latest_checkpoint,
+    resume_hint,
 )
 from mmpretrain.checkpoint.meta import CHECKPOINT_VERSION, read_checkpoint_meta
 from mmpretrain.checkpoint.optimizer import decode_optimizer, encode_optimizer
@@ -58,6 +59,7 @@ from mmpretrain.checkpoint.parts import (
     write_tensors,
 )
 from mmpretrain.errors import UserError
+from mmpretrain.fileio import DiskFull, writing
 from mmpretrain.models.weights import mismatch, shapes_of, strip_prefixes
 
 OPTIMIZER_JSON, OPTIMIZER_TENSORS = "optimizer.json", "optimizer.safetensors"
@@ -74,47 +76,82 @@ def loader_part(rank: int) -> str:
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict[str, Any], loaders: dict[str, Any],
                     keep: int, *, model, optimizer, scheduler) -> Path:
-    """Collective: every process calls it. Returns the checkpoint directory."""
+    """Collective: every process calls it. Returns the checkpoint directory.
+
+    A write that fails for want of space (DiskFull) on any process is the same one-line error on all
+    of them, after the temp folder is removed: the previous checkpoint stays `latest`."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
+    hint = resume_hint(run_dir)
+    main = accelerator.is_main_process
+
+    def prepare_folder():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    parts = _write_shared_parts(accelerator, tmp, model, optimizer, scheduler)  # collective
-    rank, world = accelerator.process_index, accelerator.num_processes
-    write_json(tmp / rng_part(rank), rng.capture(accelerator.device))
-    write_json(tmp / loader_part(rank), {name: loader.state_dict() for name, loader in loaders.items()})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        parts += [name for r in range(world) for name in (rng_part(r), loader_part(r))]
-        full = {**meta, "step": step, "world_size": world, "parts": [*parts, CHECKPOINT_META]}
-        write_json(tmp / CHECKPOINT_META, full)
+
+    _agree(accelerator, tmp, hint, prepare_folder if main else None)
+    weights, optim = _shared_state(accelerator, model, optimizer)  # collective
+    parts: list[str] = []
+
+    def write_parts():
+        if main:
+            parts.extend(_write_shared_parts(accelerator, tmp, weights, optim, scheduler))
+        rank = accelerator.process_index
+        write_json(tmp / rng_part(rank), rng.capture(accelerator.device))
+        write_json(tmp / loader_part(rank), {name: loader.state_dict() for name, loader in loaders.items()})
+
+    _agree(accelerator, tmp, hint, write_parts)
+
+    def publish():
+        world = accelerator.num_processes
+        parts.extend(name for r in range(world) for name in (rng_part(r), loader_part(r)))
+        write_json(tmp / CHECKPOINT_META, {**meta, "step": step, "world_size": world,
+                                           "parts": [*parts, CHECKPOINT_META]})
         if final.exists():  # the same step saved again after a resume: the new one replaces it
             shutil.rmtree(final)
         tmp.rename(final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    _agree(accelerator, tmp, hint, publish if main else None)
     return final
 
 
-def _write_shared_parts(accelerator, folder: Path, model, optimizer, scheduler) -> list[str]:
-    """Model, optimizer, scheduler and scaler, written by the main process; the names written."""
+def _agree(accelerator, tmp: Path, hint: str, work) -> None:
+    """Runs `work` (None: nothing on this process), then a collective: if a write failed for want of
+    space on any process, every process raises the same one-line error and the temp folder is gone."""
+    error = None
+    if work is not None:
+        try:
+            with writing(tmp, hint):
+                work()
+        except DiskFull as exc:
+            error = str(exc)
+    error = _first_error(accelerator, error)  # also the barrier between the steps of a save
+    if error is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(error)
+
+
+def _shared_state(accelerator, model, optimizer) -> tuple[dict, dict | None]:
+    """The full model and optimizer state, on the main process (collective under FSDP/DeepSpeed)."""
     from accelerate.utils import DistributedType
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        weights, optim = accelerator.get_state_dict(model), None  # collective; see the module docstring
-    else:  # collective under FSDP: the full state, on the main process's CPU
-        # (on every process of a CPU run: there is nothing to offload to, and FSDP1's offload of CPU
-        # tensors hands back a parameter's exp_avg and exp_avg_sq as views of one reused buffer, so
-        # the saved exp_avg was exp_avg_sq; measured with torch 2.15 and gloo)
-        offload = accelerator.device.type != "cpu"
-        weights, optim = get_state_dict(model, _inner(optimizer),
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-    if not accelerator.is_main_process:
-        return []
+        return accelerator.get_state_dict(model), None  # collective; see the module docstring
+    # collective under FSDP: the full state, on the main process's CPU (on every process of a CPU
+    # run: there is nothing to offload to, and FSDP1's offload of CPU tensors hands back a
+    # parameter's exp_avg and exp_avg_sq as views of one reused buffer, so the saved exp_avg was
+    # exp_avg_sq; measured with torch 2.15 and gloo)
+    offload = accelerator.device.type != "cpu"
+    return get_state_dict(model, _inner(optimizer),
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+
+
+def _write_shared_parts(accelerator, folder: Path, weights: dict, optim: dict | None, scheduler) -> list[str]:
+    """Model, optimizer, scheduler and scaler (the main process's to write); the names written."""
     write_tensors(folder / CHECKPOINT_WEIGHTS, strip_prefixes(weights))
     parts = [CHECKPOINT_WEIGHTS]
     if optim is not None:

@@ -24,7 +24,7 @@ from mmpretrain.eval.report import render_report, retrieval_examples
 from mmpretrain.eval.retrieval import EvalInputError
 from mmpretrain.eval.templates import DEFAULT_TEMPLATES
 from mmpretrain.eval.zeroshot import classnames_from_shards, load_classnames, load_templates
-from mmpretrain.fileio import atomic_write
+from mmpretrain.fileio import atomic_write, writing
 from mmpretrain.runtime import make_accelerator
 from mmpretrain.shards.format import image_ext
 from mmpretrain.shards.reader import iter_tar_samples
@@ -79,28 +79,30 @@ def run_eval(req: EvalRequest) -> dict[str, Any] | None:
         metrics = done.metrics
     if not accelerator.is_main_process:  # the main process writes the report and the JSON
         return None
-    if req.task == "retrieval":
-        extra = _retrieval_extra(evaluator, metrics, done.embeddings, req)
-    elif req.task == "zeroshot":
-        extra = _zeroshot_extra(metrics, done.embeddings, req)
-    else:
-        extra = {"counts": {"texts": metrics["num_texts"]}, "heads": [h for h in ("mlm", "ar") if getattr(loaded.heads, h)]}
-    result = {
-        "task": req.task,
-        "metrics": metrics,
-        "model": loaded.describe(),
-        "shards": list(req.shards),
-        "counts": extra.pop("counts", {}),
-        "settings": {"batch_size": req.settings.batch_size, "precision": req.precision, "seed": req.seed,
-                     "processes": accelerator.num_processes, "chunk_size": req.settings.chunk_size,
-                     "device": str(accelerator.device), **task_settings},
-        "notes": loaded.notes,
-        "elapsed_s": round(time.time() - started, 2),
-        "mmpretrain_version": mmpretrain.__version__,
-        **extra,
-    }
-    if req.out:
-        write_json_atomic(req.out, result)
+    # the report and the JSON are written atomically; a full disk is one line naming the file
+    with writing(req.out or req.report or ".", "free space and rerun the same command"):
+        if req.task == "retrieval":
+            extra = _retrieval_extra(evaluator, metrics, done.embeddings, req)
+        elif req.task == "zeroshot":
+            extra = _zeroshot_extra(metrics, done.embeddings, req)
+        else:
+            extra = {"counts": {"texts": metrics["num_texts"]}, "heads": [h for h in ("mlm", "ar") if getattr(loaded.heads, h)]}
+        result = {
+            "task": req.task,
+            "metrics": metrics,
+            "model": loaded.describe(),
+            "shards": list(req.shards),
+            "counts": extra.pop("counts", {}),
+            "settings": {"batch_size": req.settings.batch_size, "precision": req.precision, "seed": req.seed,
+                         "processes": accelerator.num_processes, "chunk_size": req.settings.chunk_size,
+                         "device": str(accelerator.device), **task_settings},
+            "notes": loaded.notes,
+            "elapsed_s": round(time.time() - started, 2),
+            "mmpretrain_version": mmpretrain.__version__,
+            **extra,
+        }
+        if req.out:
+            write_json_atomic(req.out, result)
     return result
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import mmpretrain
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_dir
+from mmpretrain.fileio import atomic_dir, writing
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size
 
@@ -58,7 +58,8 @@ def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | P
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export {out}: exists and is not empty; choose another --out or pass --overwrite")
-    with atomic_dir(out) as tmp:
+    # a full disk is one line naming the export; atomic_dir removes what was half written
+    with writing(out, "free space and rerun the same command"), atomic_dir(out) as tmp:
         config = {"model_cfg": model_config, "preprocess_cfg": preprocess_config(model_config)}
         _write_json(tmp / OPEN_CLIP_CONFIG, config)
         save_file(_contiguous(model.export_state_dict()), str(tmp / OPEN_CLIP_WEIGHTS))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import mmpretrain
 from mmpretrain.errors import SampleError, UserError
+from mmpretrain.fileio import writing
 from mmpretrain.prepare.fetch import FetchOptions, fetch, ordered_map
 from mmpretrain.prepare.images import ImageOptions
 from mmpretrain.prepare.samples import Result, process_image_input, process_text_input, sample_key
@@ -195,7 +196,8 @@ class _Run:
             self.hashes_path.write_bytes(b"")
         for seq in self.splits.values():
             seq.clean_stale()
-        self.failures = open(self.failures_path, "ab")  # noqa: SIM115 - closed in execute
+        # unbuffered: a write that fails on a full disk fails where it is made, and close() cannot fail again
+        self.failures = open(self.failures_path, "ab", buffering=0)  # noqa: SIM115 - closed in execute
         self.started = time.time()
         if state is None:
             self._checkpoint(0)  # from here on a re-run resumes instead of refusing a non-empty --out
@@ -263,7 +265,8 @@ class _Run:
             counts["failed"] += 1
             self.tally.reasons[result.reason] += 1
             record = {"source": result.source, "reason": result.reason, "detail": result.detail, "split": split}
-            self.failures.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            with writing(self.failures_path):
+                self.failures.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
             return
         if self.opts.dedupe:
             if result.digest in self.seen:
@@ -272,12 +275,11 @@ class _Run:
             self.seen.add(result.digest)
         finished = self.splits[split].add(sample_key(result.index), result.members, result.index, result.digest)
         if finished:
-            with open(self.hashes_path, "a") as fh:
+            with writing(self.hashes_path), open(self.hashes_path, "a") as fh:
                 fh.writelines(f"{digest}\n" for _, digest in finished)
             self._checkpoint(result.index + 1)
 
     def _checkpoint(self, next_index: int) -> None:
-        self.failures.flush()
         state = {
             "fingerprint": self.plan["fingerprint"],
             "next_index": next_index,

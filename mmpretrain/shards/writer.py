@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmpretrain.fileio import atomic_write  # noqa: F401 (prepare's modules import it from here)
+from mmpretrain.fileio import atomic_write, writing  # atomic_write: prepare's modules import it from here
 from mmpretrain.shards.layout import SIZES, shard_name
 
 # Fixed tar member mtime: the same samples give the same bytes on every run and machine.
@@ -89,14 +89,16 @@ class ShardSequence:
         return shard_name(self.name, number)
 
     def add(self, key: str, members: dict[str, bytes], index: int, digest: str) -> list[list]:
-        """Write one sample; returns the [index, digest] pairs of shards finished by this call."""
+        """Write one sample; returns the [index, digest] pairs of shards finished by this call.
+        A full disk is a DiskFull naming the shard."""
         finished: list[list] = []
         size = tar_bytes(members)
         if self.pending and self.max_bytes and self._bytes + size > self.max_bytes:
             finished += self._close()
-        if self._writer is None:
-            self._open()
-        self._writer.write(key, members)
+        with writing(self.dir / self.shard_name(self.next_shard)):
+            if self._writer is None:
+                self._open()
+            self._writer.write(key, members)
         self.pending.append([index, digest])
         self._bytes += size
         if len(self.pending) >= self.shard_size:
@@ -116,11 +118,12 @@ class ShardSequence:
         self._bytes = 0
 
     def _close(self) -> list[list]:
-        self._writer.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
         temp, final = self._temp(self.next_shard), self.dir / self.shard_name(self.next_shard)
+        with writing(final):
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         os.replace(temp, final)
         self.sizes[final.name] = len(self.pending)
         self.next_shard += 1
@@ -132,6 +135,8 @@ class ShardSequence:
         if self._writer is not None:
             try:
                 self._fh.close()
+            except OSError:
+                pass  # closing flushes; on a full disk that fails again, and the file is dropped anyway
             finally:
                 self._temp(self.next_shard).unlink(missing_ok=True)
                 self._writer = None

@@ -18,7 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mmpretrain.checkpoint.layout import resume_hint
 from mmpretrain.errors import UserError
+from mmpretrain.fileio import DiskFull, is_disk_full, writing
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,7 +36,9 @@ def check_trackers(trackers: list[str]) -> None:
 class RunLog:
     def __init__(self, accelerator, run_dir: Path, project: str, config: dict[str, Any], trackers: list[str]):
         self.accelerator, self.is_main = accelerator, accelerator.is_main_process
-        self.file = _open_for_append(Path(run_dir) / METRICS_FILE) if self.is_main else None
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / METRICS_FILE
+        with writing(self.path, resume_hint(run_dir)):
+            self.file = _open_for_append(self.path) if self.is_main else None
         self.trackers = bool(trackers)
         if self.trackers:
             accelerator.init_trackers(project, config=_flat(config))
@@ -45,8 +49,14 @@ class RunLog:
         `track`: also send the numbers to the trackers."""
         if self.is_main:
             line = {"kind": kind, "step": step, "time": round(time.time(), 3), **{k: _json_number(v) for k, v in values.items()}}
-            self.file.write(json.dumps(line) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(line) + "\n")
+                self.file.flush()
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._drop_file()
+                raise DiskFull(self.path, resume_hint(self.run_dir)) from None
         if self.trackers and track:
             numbers = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
             self.accelerator.log(numbers, step=step)
@@ -61,6 +71,14 @@ class RunLog:
             self.write("data", step, defect, track=False)  # per-shard values are no curve
             if self.is_main:
                 tqdm.write(defect_warning(step, defect), file=sys.stderr)
+
+    def _drop_file(self) -> None:
+        """After a failed write: the buffered rest cannot be written either, and close() would try."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.file = None
 
     def close(self) -> None:
         if self.file is not None:
