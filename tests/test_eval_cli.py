@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -95,6 +96,12 @@ def data(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in model.export_state_dict().items()}, root / "open_clip.safetensors")
     _write_tar(root / "text" / "val" / "t-000000.tar", [(i, {"txt": d.encode()}) for i, d in enumerate(DOCS)])
     _write_tar(root / "empty" / "x-000000.tar", [])
+    _unreadable_checkpoints(root, ckpt)
+    no_heads = root / "noheads" / "checkpoints" / ckpt.name
+    no_heads.mkdir(parents=True)
+    bare = build_model(cfg, heads=Heads(mlm=False, ar=False))
+    save_file({k: v.contiguous() for k, v in bare.state_dict().items()}, no_heads / "model.safetensors")
+    (no_heads / "checkpoint.json").write_text(json.dumps(checkpoint_meta(3, cfg, Heads(mlm=False, ar=False))))
     return {
         "root": root, "model": model, "cfg": cfg, "run": str(root / "run"), "ckpt": str(ckpt),
         "weights": str(root / "open_clip.safetensors"),
@@ -103,6 +110,22 @@ def data(tmp_path_factory):
         "no_names": _write_image_set(root / "nonames", labels=True, dataset_json=False),
         "text": str(root / "text" / "val"), "empty": str(root / "empty" / "x-000000.tar"),
     }
+
+
+def _unreadable_checkpoints(root: Path, ckpt: Path) -> None:
+    """Checkpoints a user may be handed that cannot be read: garbage, cut short, empty, a run whose
+    weights file is damaged, a run whose checkpoint.json is not JSON."""
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (root / "garbage.safetensors").write_bytes(b"\x00\xffnot a safetensors file" * 40)
+    (root / "truncated.safetensors").write_bytes(weights[:len(weights) // 2])
+    torch.save({"state_dict": {}}, root / "empty.pt")
+    for name, part, damage in (("bad-weights", "model.safetensors", weights[:100]),
+                               ("bad-meta", "checkpoint.json", b"{not json")):
+        copy = root / name / "checkpoints" / ckpt.name
+        copy.mkdir(parents=True)
+        for f in ckpt.iterdir():
+            (copy / f.name).write_bytes(f.read_bytes())
+        (copy / part).write_bytes(damage)
 
 
 def _cli(*args: str) -> int:
@@ -282,6 +305,21 @@ BAD = {
     "weights without model": (["retrieval", "--checkpoint", "{weights}", "--shards", "{images}"], "--model NAME"),
     "text without heads": (["text", "--checkpoint", "{weights}", "--model", "tiny", "--shards", "{text}"],
                            "no text heads"),
+    "missing shard file": (["retrieval", "--checkpoint", "{run}", "--shards", "{root}/img/e-000009.tar"],
+                           "e-000009.tar"),
+    "garbage weights": (["retrieval", "--checkpoint", "{root}/garbage.safetensors", "--model", "tiny",
+                         "--shards", "{images}"], "garbage.safetensors"),
+    "truncated weights": (["retrieval", "--checkpoint", "{root}/truncated.safetensors", "--model", "tiny",
+                           "--shards", "{images}"], "truncated.safetensors"),
+    "empty .pt state dict": (["retrieval", "--checkpoint", "{root}/empty.pt", "--model", "tiny",
+                              "--shards", "{images}"], "empty.pt: holds no weights"),
+    "run with damaged weights": (["retrieval", "--checkpoint", "{root}/bad-weights", "--shards", "{images}"],
+                                 "model.safetensors"),
+    "run with damaged checkpoint.json": (["retrieval", "--checkpoint", "{root}/bad-meta", "--shards", "{images}"],
+                                         "checkpoint.json"),
+    "zeroshot on text shards": (["zeroshot", "--checkpoint", "{run}", "--shards", "{text}"], "{text}"),
+    "text on a run without heads": (["text", "--checkpoint", "{root}/noheads", "--shards", "{text}"],
+                                    "trained with model.mlm=false and model.ar=false"),
     "report not png": (["retrieval", "--checkpoint", "{run}", "--shards", "{images}", "--report", "{root}/r.jpg"],
                        "ending in .png"),
 }
@@ -292,7 +330,27 @@ def test_bad_input_is_one_line(data, capsys, case):
     args, expected = BAD[case]
     assert _cli(*(a.format(**data) for a in args)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mmpretrain eval: error:") and "\n" not in err and expected in err, err
+    assert err.startswith("mmpretrain eval: error:") and "\n" not in err and expected.format(**data) in err, err
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_that_runs_code_is_refused_without_running_it(data, capsys, protocol):
+    marker, evil = data["root"] / "ran", data["root"] / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump({"visual.proj": _RunsCode(marker)}, fh, protocol=protocol)
+    assert _cli("retrieval", "--checkpoint", str(evil), "--model", "tiny", "--shards", data["images"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmpretrain eval: error:") and "\n" not in err, err
+    assert "evil.pt: cannot read safely (Unsupported" in err and "runs no code" in err
+    assert not marker.exists()
 
 
 # -- two processes -----------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ image grid / context length. Anything else is a mismatch listed in a one-line er
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,12 @@ class LoadReport:
     """Keys of the file that belong to heads, not to the tower."""
 
 
+def _refusal(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that says what it refused (its message is a page)."""
+    named = re.search(r"Unsupported [^.\n]*", str(exc))
+    return named[0] if named else "not a tensor pickle"
+
+
 def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
     """Load `path` into `tower` (open_clip CLIP) in place; raises UserError on any real mismatch."""
     from open_clip.factory import load_state_dict  # imported here: open_clip takes ~25 s to import
@@ -44,9 +53,17 @@ def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
     if not path.is_file():
         raise UserError(f"weights {path}: no such file")
     try:
-        state = load_state_dict(str(path))
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            state = load_state_dict(str(path))  # .pt: torch.load(weights_only=True), which runs no code
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler: garbage, or a pickle holding code
+        raise UserError(f"weights {path}: cannot read safely ({_refusal(exc)}); mmpretrain loads tensors only "
+                        "and runs no code from files: save the state dict as .safetensors") from None
+    except StopIteration:  # open_clip looks at the first key of the state dict
+        raise UserError(f"weights {path}: holds no weights (an empty state dict); give a model's weights file") from None
     except Exception as exc:  # torch/safetensors raise many types for corrupt or foreign files
-        raise UserError(f"weights {path}: cannot read ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"weights {path}: cannot read ({type(exc).__name__}: {first})") from None
     report = LoadReport(str(path))
     state = _tower_keys(state, report)
     model_state = tower.state_dict()
