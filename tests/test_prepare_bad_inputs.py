@@ -317,3 +317,127 @@ def test_source_folder_without_images_is_a_user_error(tmp_path, capsys, contents
         capsys, ["prepare", str(folder), "--out", str(tmp_path / "out"), *COMMON], str(folder), "no inputs"
     )
     assert not (tmp_path / "out").exists()
+
+
+# -- .tar sources: member sizes from the header, before anything is read ----------------------------------
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_source_tar(path: Path, first: int, count: int, big: int | None = None, huge_after: bool = False) -> None:
+    """`count` samples (jpg + txt) from key `first`; sample `big` has a 3 MB .jpg. With `huge_after`,
+    the end-of-archive blocks give way to one header claiming 100 GB, and the file ends."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for n in range(first, first + count):
+            add_member(tar, f"{n:09d}.jpg", b"\xff" * (3 * 2**20) if n == big else encode(photo(seed=n), "JPEG"))
+            add_member(tar, f"{n:09d}.txt", f"tar caption {n}".encode())
+    if huge_after:
+        with tarfile.open(path) as tar:
+            last = tar.getmembers()[-1]
+        header = tarfile.TarInfo(f"{first + count:09d}.jpg")
+        header.size = 100 * 2**30
+        kept = path.read_bytes()[: last.offset_data + -(-last.size // 512) * 512]
+        path.write_bytes(kept + header.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+
+
+def test_tar_source_members_over_max_bytes_and_a_100_gb_header(tmp_path, capsys):
+    src = tmp_path / "tars"
+    src.mkdir()
+    write_source_tar(src / "a.tar", 0, 4, big=1)  # a real 3 MB member under a 1 MB limit, then good samples
+    write_source_tar(src / "b.tar", 10, 2, huge_after=True)  # cut inside a member that claims 100 GB
+    write_source_tar(src / "c.tar", 20, 2)  # the run goes on with the next shard
+    out = tmp_path / "out"
+    code = main(["prepare", str(src), "--out", str(out), "--max-bytes", "1000000", *COMMON])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err and "MemoryError" not in err, err
+    records = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["source"]) for r in records] == [
+        ("too_large", f"{src / 'a.tar'}#000000001"), ("corrupt_shard", str(src / "b.tar"))]
+    assert "holds 3145728 bytes, over the limit of 1000000 bytes (--max-bytes)" in records[0]["detail"]
+    assert "claims 107374182400 bytes" in records[1]["detail"] and "unreadable after 2 samples" in records[1]["detail"]
+    captions = sorted(m["txt"].decode() for m in read_shards(out / "train").values())
+    assert captions == sorted(f"tar caption {n}" for n in (0, 2, 3, 10, 11, 20, 21))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["reasons"] == {"too_large": 1, "corrupt_shard": 1} and stats["written"] == 7
+
+
+# -- folder sources: links that lead outside the folder ---------------------------------------------------
+SECRET = b"root:x:0:0:root:/root:/bin/bash\n"
+
+
+def build_linked_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder with a good sample, a caption linked outside, an image linked outside, a caption
+    linked inside, a folder linked outside and a folder linked to itself (a loop)."""
+    outside, folder = tmp_path / "elsewhere", tmp_path / "folder"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "passwd").write_bytes(SECRET)
+    (outside / "private.jpg").write_bytes(encode(photo(seed=11), "JPEG"))
+    (outside / "sub" / "far.jpg").write_bytes(encode(photo(seed=12), "JPEG"))
+    (outside / "sub" / "far.txt").write_text("a caption from outside the folder")
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(GOOD_JPEG)
+    (folder / "a.txt").write_text("a caption for a")
+    (folder / "c.jpg").write_bytes(encode(photo(seed=13), "JPEG"))
+    (folder / "c.txt").symlink_to(outside / "passwd")
+    (folder / "d.jpg").symlink_to(outside / "private.jpg")
+    (folder / "d.txt").write_text("a caption for d")
+    (folder / "e.jpg").write_bytes(encode(photo(seed=14), "JPEG"))
+    (folder / "e.txt").symlink_to(folder / "a.txt")  # inside the folder: read as always
+    (folder / "linked").symlink_to(outside / "sub", target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    return folder, outside
+
+
+def test_links_out_of_a_folder_source_are_outside_source_failures(tmp_path, capsys):
+    folder, outside = build_linked_folder(tmp_path)
+    out = tmp_path / "out"
+    assert main(["prepare", str(folder), "--out", str(out), *COMMON]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["source"]) for r in records] == [
+        ("outside_source", str(folder / "c.jpg")), ("outside_source", str(folder / "d.jpg"))]
+    assert f"{folder / 'c.txt'} resolves to {outside / 'passwd'} through a link" in records[0]["detail"]
+    assert f"{folder / 'd.jpg'} resolves to {outside / 'private.jpg'} through a link" in records[1]["detail"]
+    assert all("--follow-symlinks" in r["detail"] for r in records)
+    assert json.loads((out / "stats.json").read_text())["reasons"] == {"outside_source": 2}
+    samples = read_shards(out / "train")
+    assert sorted(m["txt"].decode() for m in samples.values()) == ["a caption for a", "a caption for a"]  # a, e
+    everything = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert SECRET.strip() not in everything and b"outside the folder" not in everything
+
+
+def test_follow_symlinks_reads_links_out_of_the_folder_once(tmp_path, capsys):
+    folder, _ = build_linked_folder(tmp_path)
+    out = tmp_path / "out"
+    assert main(["prepare", str(folder), "--out", str(out), "--follow-symlinks", *COMMON]) == 0, \
+        capsys.readouterr().err
+    assert not (out / "failures.jsonl").read_text()
+    captions = sorted(m["txt"].decode() for m in read_shards(out / "train").values())
+    # the loop back to the folder is walked zero times: each real folder once
+    assert captions == sorted(["a caption for a", SECRET.decode().strip(), "a caption for d", "a caption for a",
+                               "a caption from outside the folder"])
+
+
+def test_class_folder_images_linked_outside_are_outside_source_failures(tmp_path, capsys):
+    root, outside = tmp_path / "classes", tmp_path / "elsewhere"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    (outside / "birds").mkdir(parents=True)
+    (outside / "private.jpg").write_bytes(encode(photo(seed=21), "JPEG"))
+    (outside / "birds" / "4.jpg").write_bytes(encode(photo(seed=24), "JPEG"))
+    (root / "cat" / "1.jpg").write_bytes(encode(photo(seed=22), "JPEG"))
+    (root / "dog" / "2.jpg").write_bytes(encode(photo(seed=23), "JPEG"))
+    (root / "dog" / "3.jpg").symlink_to(outside / "private.jpg")
+    (root / "bird").symlink_to(outside / "birds", target_is_directory=True)  # a whole class folder outside
+    out = tmp_path / "out"
+    assert main(["prepare", str(root), "--out", str(out), *COMMON]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["source"]) for r in records] == [("outside_source", str(root / "bird" / "4.jpg")),
+                                                             ("outside_source", str(root / "dog" / "3.jpg"))]
+    assert f"resolves to {outside / 'birds' / '4.jpg'} through a link" in records[0]["detail"]
+    assert sorted(json.loads(m["json"])["source"] for m in read_shards(out / "train").values()) == [
+        str(root / "cat" / "1.jpg"), str(root / "dog" / "2.jpg")]
+    followed = tmp_path / "followed"
+    assert main(["prepare", str(root), "--out", str(followed), "--follow-symlinks", *COMMON]) == 0
+    assert len(read_shards(followed / "train")) == 4

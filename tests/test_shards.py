@@ -5,15 +5,18 @@ the reader, the loaders, a training run and `inspect` report them."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from helpers import free_port, make_loader, write_shards
+from PIL import Image
 
 from mmpretrain.errors import UserError
 from mmpretrain.shards.format import split_member
@@ -21,11 +24,14 @@ from mmpretrain.shards.inspect import inspect_shards
 from mmpretrain.shards.layout import find_root
 from mmpretrain.shards.reader import (
     FEWER_SAMPLES,
+    MISSING,
     NO_END_MARKER,
+    TOO_LARGE,
     UNREADABLE,
     ShardError,
     count_samples,
     iter_tar_samples,
+    too_large,
 )
 from mmpretrain.shards.resolve import ShardSource, dataset_root, expand, is_remote, resolve
 from mmpretrain.train.runlog import RunLog
@@ -144,6 +150,106 @@ def test_header_counts_refuse_a_defective_shard(shard):
     shard.write_bytes(b"")
     with pytest.raises(ShardError, match="unreadable after 0 samples"):
         count_samples(str(shard))
+
+
+# -- member sizes: checked from the header before anything is read ---------------------------------
+BIG = 3 * 2**20  # a real member over the 1 MiB limit below
+LIMIT = 2**20
+HUGE = 100 * 2**30  # what a broken header claims; the file ends right after it
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _png(n: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), (n, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_sized(path: Path, samples: list[int], oversized: set[int] = frozenset(), huge_after: bool = False) -> None:
+    """Samples (txt + png members) with the given numbers; those in `oversized` carry a 3 MB .png. With
+    `huge_after`, the end-of-archive blocks are replaced by one header claiming 100 GB and the file ends."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for n in samples:
+            _add(tar, f"{n:09d}.png", b"\x89" * BIG if n in oversized else _png(n))
+            _add(tar, f"{n:09d}.txt", f"sample number {n}".encode())
+    if huge_after:
+        data = path.read_bytes()
+        end = _members(path)[-1]
+        header = tarfile.TarInfo(f"{samples[-1] + 1:09d}.png")
+        header.size = HUGE
+        tail = header.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+        path.write_bytes(data[: end.offset_data + -(-end.size // 512) * 512] + tail)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_member_over_the_limit_is_skipped_unread_and_the_shard_goes_on(tmp_path, remote):
+    path = tmp_path / "s-000000.tar"
+    write_sized(path, [0, 1, 2, 3], oversized={1})
+    url = f"pipe:cat {path}" if remote else str(path)
+    samples = list(iter_tar_samples(url, max_member_bytes=LIMIT))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(4)]
+    big = samples[1]
+    assert set(big) == {"__key__", "__url__", "__index__", TOO_LARGE}  # none of its bytes is held
+    assert too_large(big) == f"member 000000001.png holds {BIG} bytes, over the limit of {LIMIT} bytes"
+    assert [s["txt"] for s in (samples[0], samples[2], samples[3])] == [b"sample number 0", b"sample number 2",
+                                                                       b"sample number 3"]
+    assert too_large(samples[2]) is None
+    assert len(list(iter_tar_samples(url, max_member_bytes=None))[1]["png"]) == BIG  # no limit: read
+    assert count_samples(str(path)) == 4
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_header_claiming_100_gb_is_a_cut_shard_not_a_memory_error(tmp_path, remote):
+    path = tmp_path / "s-000000.tar"
+    write_sized(path, [0, 1, 2], huge_after=True)
+    url = f"pipe:cat {path}" if remote else str(path)
+    started = time.time()
+    keys, error = _keys(url, max_member_bytes=None)  # even without a limit nothing is read whole
+    assert keys == [f"{i:09d}" for i in range(3)]
+    assert error.problem == UNREADABLE and error.samples == 3 and str(path) in str(error)
+    if not remote:  # a plain local tar: the header is checked against the file's size
+        assert f"member 000000003.png claims {HUGE} bytes, the file holds 0 after its header" in str(error)
+    assert _keys(url, max_member_bytes=LIMIT)[1].problem == UNREADABLE  # a cut shard, not a skipped sample
+    with pytest.raises(ShardError, match="unreadable after 3 samples"):
+        count_samples(url)
+    assert time.time() - started < 5  # tarfile alone skips a stream in 10 KiB reads: 6 s here
+
+
+def test_a_shard_deleted_after_listing_is_named_as_gone(tmp_path):
+    _, error = _keys(str(tmp_path / "gone.tar"))
+    assert error.problem == MISSING and error.samples == 0
+    assert str(error) == (f"shard {tmp_path / 'gone.tar'} is gone (No such file or directory); restore it, "
+                          "or leave it out of the pattern and its sizes.json")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_counts_oversized_and_huge_members_as_skips_naming_the_shard(tmp_path, workers):
+    write_sized(tmp_path / "s-000000.tar", list(range(8)), oversized={2, 5})
+    write_sized(tmp_path / "s-000001.tar", list(range(8, 12)), huge_after=True)
+    write_sized(tmp_path / "s-000002.tar", list(range(12, 20)))
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 8, "s-000001.tar": 5, "s-000002.tar": 8}))
+    loader = make_loader(str(tmp_path / "s-{000000..000002}.tar"), batch_size=3, workers=workers,
+                         max_member_bytes=LIMIT)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7  # 21 listed samples
+    keys = [k for b in batches for k in b.keys]
+    usable = {f"{i:09d}" for i in range(20)} - {"000000002", "000000005"}
+    assert set(keys) == usable  # every usable sample; repeats only where counted as refills
+    assert len(keys) - len(set(keys)) == loader.skipped["refilled"] == 21 - 18  # 21 slots, 18 usable
+    assert loader.skipped["too_large"] == 2
+    defects = {d["shard"]: d for d in loader.take_defects()}
+    assert set(defects) == {str(tmp_path / "s-000000.tar"), str(tmp_path / "s-000001.tar")}
+    big = defects[str(tmp_path / "s-000000.tar")]
+    assert (big["problem"], big["missing"]) == ("too_large", 2)
+    assert str(tmp_path / "s-000000.tar") in big["message"] and "data.max_member_bytes" in big["message"]
+    assert f"000000002: member 000000002.png holds {BIG} bytes" in big["message"]
+    cut = defects[str(tmp_path / "s-000001.tar")]
+    assert (cut["problem"], cut["missing"]) == (UNREADABLE, 1) and f"claims {HUGE} bytes" in cut["message"]
 
 
 # -- pattern resolution --------------------------------------------------------------------------

@@ -43,7 +43,11 @@ def add_parser(sub) -> None:
     g.add_argument("--max-text-chars", type=positive_int, default=2000, help="split longer documents")
     g = p.add_argument_group("downloads (URLs in the image column)")
     g.add_argument("--threads", type=positive_int, default=16, help="concurrent downloads")
-    g.add_argument("--timeout", type=float, default=10.0)
+    g.add_argument("--in-flight", type=positive_int, default=None,
+                   help="downloads running or finished and waiting for an earlier URL: how far the other URLs "
+                        "run ahead of a slow one (memory: about this many images; default: 32 x --threads)")
+    g.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per attempt in all: connect, headers and body (default: %(default)s)")
     g.add_argument("--retries", type=int, default=2)
     g.add_argument("--max-bytes", type=positive_int, default=20_000_000)
     g.add_argument("--max-redirects", type=int, default=5)
@@ -53,6 +57,9 @@ def add_parser(sub) -> None:
     g.add_argument("--val-fraction", type=fraction, default=0.01,
                    help="share of samples in val/, chosen by content hash")
     g.add_argument("--dedupe", action="store_true", help="drop exact duplicate images (counted)")
+    g.add_argument("--follow-symlinks", action="store_true",
+                   help="follow links in folder sources that point outside the folder (default: recorded as "
+                        "outside_source failures)")
     g.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1))
     g.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     g.add_argument("--no-progress", action="store_true")
@@ -81,7 +88,8 @@ def _run_prepare(args) -> int:
         fetch=FetchOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_bytes,
                            max_redirects=args.max_redirects),
         shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction,
-        dedupe=args.dedupe, workers=args.workers, threads=args.threads, overwrite=args.overwrite,
+        dedupe=args.dedupe, follow_symlinks=args.follow_symlinks, workers=args.workers, threads=args.threads,
+        in_flight=args.in_flight or 0, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     stats = run_prepare(args.sources, opts)

@@ -108,6 +108,14 @@ class DataConfig:
     """open_clip AugmentationCfg fields for training images (scale, color_jitter, ...)."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """How MLM inputs are corrupted."""
+    max_member_bytes: int = 64 * 2**20
+    """Largest shard member (image, caption, ...) the loader reads, in bytes (64 MiB); a sample with a
+    larger one is skipped, counted as "too_large" and its shard named. Checked from the tar header before
+    anything is read, so a broken header claiming 100 GB costs a skip, not the run."""
+
+    def __post_init__(self):
+        if self.max_member_bytes < 1:  # the loader turns this into "data.max_member_bytes = 0: ..."
+            raise ValueError(f"max_member_bytes = {self.max_member_bytes!r}: must be >= 1")
 
 
 @dataclass

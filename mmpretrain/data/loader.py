@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from mmpretrain.config import DataConfig, MaskingConfig, PairObjective
 from mmpretrain.data.plan import derive_seed
 from mmpretrain.data.records import ImageTextBatch, TextBatch
-from mmpretrain.data.stream import Position, ShardStream, StreamConfig
+from mmpretrain.data.stream import Position, ShardStream, StreamConfig, unusable
 from mmpretrain.data.text.objectives import concat_text_batches, text_batch
 from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
@@ -35,7 +35,7 @@ from mmpretrain.shards.format import (
     sample_metadata,
 )
 from mmpretrain.shards.reader import ShardError, iter_tar_samples
-from mmpretrain.shards.resolve import ShardSource, resolve
+from mmpretrain.shards.resolve import Shard, ShardSource, resolve
 
 PEEK_SAMPLES = 64  # how many samples of the first shard the up-front check reads
 
@@ -185,6 +185,8 @@ class Loader:
             generator=torch.Generator().manual_seed(pos.epoch),
         )
         for batch, meta in loader:
+            if "error" in meta:  # a user error in a worker (ShardStream.__iter__), raised as it was
+                raise meta["error"]
             pos.batches += 1
             pos.raw[meta["worker"]] = meta["raw"]
             self.skipped.update(meta["skipped"])
@@ -208,7 +210,7 @@ def image_text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, transform: Cal
                       require_caption: bool = True) -> Loader:
     shards = resolve(list(cfg.shards), need_sizes=cfg.mode == "epoch" or not cfg.samples_per_epoch)
     decoder = ImageTextDecoder(transform, tokenizer, caption_key, text_branch, require_caption)
-    _check_first_shard(shards[0].url, decoder)
+    _check_first_shard(shards, decoder, cfg.max_member_bytes)
     return _loader(cfg, shards, decoder, rank, world, num_workers, pin_memory)
 
 
@@ -217,7 +219,7 @@ def text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, text_branch: TextBra
                 sample_seed: int | None = None) -> Loader:
     shards = resolve(list(cfg.shards), need_sizes=cfg.mode == "epoch" or not cfg.samples_per_epoch)
     decoder = TextDecoder(tokenizer, text_branch, text_key, sample_seed)
-    _check_first_shard(shards[0].url, decoder)
+    _check_first_shard(shards, decoder, cfg.max_member_bytes)
     return _loader(cfg, shards, decoder, rank, world, num_workers, False)
 
 
@@ -231,14 +233,20 @@ def _loader(cfg, shards, decoder, rank, world, num_workers, pin_memory) -> Loade
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 
-def _check_first_shard(url: str, decoder) -> None:
-    """Fail in seconds, naming the shard, when its samples lack what the loader needs (a shard set
-    without captions would otherwise yield nothing, forever: open_clip #569)."""
+def _check_first_shard(shards: list[Shard], decoder, max_member_bytes: int | None) -> None:
+    """Fail in seconds, naming the shard, when the samples of the first shard that holds any lack what
+    the loader needs (a shard set without captions would otherwise yield nothing, forever: open_clip
+    #569). Shards listed with 0 samples are passed over: webdataset's ShardWriter leaves such a tar."""
+    url = next((s.url for s in shards if s.size != 0), None)
+    if url is None:
+        one = len(shards) == 1
+        raise UserError(f"shard {shards[0].url} holds no samples" if one else
+                        f"none of the {len(shards)} shards holds a sample (first: {shards[0].url})")
     reasons: Counter = Counter()
     present: set[str] = set()
     try:
-        for sample in iter_tar_samples(url, 0, PEEK_SAMPLES):
-            reason = decoder.reject(sample)
+        for sample in iter_tar_samples(url, 0, PEEK_SAMPLES, max_member_bytes=max_member_bytes):
+            reason = unusable(sample, decoder)
             if reason is None:
                 return
             reasons[reason] += 1
@@ -250,7 +258,7 @@ def _check_first_shard(url: str, decoder) -> None:
         raise UserError(
             f"shard {url}: none of its first {sum(reasons.values())} samples is usable "
             f"({', '.join(f'{r} {n}' for r, n in reasons.items())}; members present: {sorted(present)}); "
-            "check the caption/image keys or re-run `mmpretrain prepare`"
+            "check the caption/image keys (or data.max_member_bytes) or re-run `mmpretrain prepare`"
         )
     raise UserError(f"shard {url} holds no samples")
 
@@ -263,7 +271,8 @@ def build_train_loaders(data: DataConfig, *, seed: int, image_size: int, text_br
     weights = data.train_weights or [1.0] * len(data.train_shards)
     stream = StreamConfig(shards=tuple(ShardSource(p, w) for p, w in zip(data.train_shards, weights)),
                           batch_size=data.batch_size, mode=data.mode, seed=seed,
-                          shuffle_buffer=data.shuffle_buffer, samples_per_epoch=data.samples_per_epoch)
+                          shuffle_buffer=data.shuffle_buffer, samples_per_epoch=data.samples_per_epoch,
+                          max_member_bytes=data.max_member_bytes)
     tokenizer = Tokenizer(context_length=data.context_length)
     transform = image_transforms(image_size, train=True, augmentation=data.augmentation or None)
     loaders = {"image_text": image_text_loader(
@@ -272,7 +281,7 @@ def build_train_loaders(data: DataConfig, *, seed: int, image_size: int, text_br
     if data.text_shards and text_branch is not None:
         text_stream = StreamConfig(shards=tuple(ShardSource(p) for p in data.text_shards),
                                    batch_size=data.text_batch_size, mode=data.mode, seed=seed + 1,
-                                   shuffle_buffer=data.shuffle_buffer)
+                                   shuffle_buffer=data.shuffle_buffer, max_member_bytes=data.max_member_bytes)
         loaders["text"] = text_loader(text_stream, tokenizer=tokenizer, text_branch=text_branch, rank=rank,
                                       world=world, num_workers=data.num_workers)
     return loaders

@@ -5,10 +5,18 @@ decoding them: a worker replays its raw stream (same shards, same shuffle) and d
 `position` outputs. All randomness is drawn from generators seeded by (seed, purpose, epoch, rank,
 worker[, batch]); no global RNG leaks in or out.
 
-A defective shard (cut short, or holding fewer samples than sizes.json lists: shards.reader) does
-not stop training: its readable samples are used, the slots it leaves are refilled, and each batch's
-meta carries the defects its worker met (once per shard and epoch) to the main process, where the
-trainer logs them. Evaluation (drop_last=False, every sample exactly once) stops on one instead.
+A defective shard (cut short, gone, or holding fewer samples than sizes.json lists: shards.reader)
+does not stop training: its readable samples are used, the slots it leaves are refilled, and each
+batch's meta carries the defects its worker met (once per shard and epoch) to the main process, where
+the trainer logs them. Evaluation (drop_last=False, every sample exactly once) stops on one instead.
+Two findings in a readable shard make a defect line too: samples with a member over
+`max_member_bytes` (each a counted "too_large" skip; no member is read before its size is known), and
+a shard none of whose samples read is usable (no captions: open_clip #569). Other unusable samples
+are only counted, by reason: img2dataset's LAION shards hold a few empty captions in most shards, and
+a warning per shard and epoch would bury the ones that matter.
+
+A user error in a DataLoader worker travels to the main process in the batch meta and is raised
+there as it was: DataLoader's own re-raise would put the worker's traceback into its message.
 """
 
 from __future__ import annotations
@@ -30,13 +38,17 @@ from mmpretrain.data.plan import (
     worker_block,
 )
 from mmpretrain.errors import UserError
-from mmpretrain.shards.reader import ShardError, iter_tar_samples
+from mmpretrain.shards.reader import MAX_MEMBER_BYTES, TOO_LARGE, ShardError, iter_tar_samples, too_large
 from mmpretrain.shards.resolve import Shard, ShardSource
 
 # Resampled mode gives up when this many samples in a row were unusable (all shards bad), or when
 # this many shards drawn in a row held no readable sample.
 MAX_CONSECUTIVE_BAD = 100_000
 MAX_EMPTY_DRAWS = 1000
+
+# The problems a defect line names besides the reader's ShardError ones (metrics.jsonl "data" lines).
+OVERSIZED = "too_large"  # samples with a member over max_member_bytes (also their skip reason)
+NO_USABLE = "no_usable_samples"  # every sample read from the shard was unusable
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     drop_last: bool = True  # False (evaluation): every sample once, last batches may be short
     samples_per_epoch: int | None = None  # resampled: length of a (virtual) epoch; default: all samples
+    max_member_bytes: int | None = MAX_MEMBER_BYTES  # larger members make a "too_large" skip; None: no limit
 
     @property
     def reads_past_defects(self) -> bool:
@@ -98,15 +111,20 @@ class ShardStream(IterableDataset):
         plan = self._plan(worker, num_workers)
         done = min(plan.batches, consumed_by_worker(pos.batches, worker, num_workers))
         defects = _Defects(pos.epoch)
-        raw = _RawStream(self._raw(plan, worker, defects), self.decoder, pos.raw.get(worker, 0))
-        for j in range(done, plan.batches):
-            size = self._batch_size(plan, j)
-            items = self._fill(raw, size)
-            seed = derive_seed(self.cfg.seed, "batch", pos.epoch, self.rank, worker, j)
-            batch = self.decoder.collate(items, seed)
-            # (batch, meta): where the worker stands travels beside the typed batch record
-            yield batch, {"worker": worker, "raw": raw.position, "skipped": dict(raw.take_skipped()),
-                          "defects": defects.take()}
+        try:
+            raw = _RawStream(self._raw(plan, worker, defects), self.decoder, pos.raw.get(worker, 0))
+            for j in range(done, plan.batches):
+                size = self._batch_size(plan, j)
+                items = self._fill(raw, size, defects)
+                seed = derive_seed(self.cfg.seed, "batch", pos.epoch, self.rank, worker, j)
+                batch = self.decoder.collate(items, seed)
+                # (batch, meta): where the worker stands travels beside the typed batch record
+                yield batch, {"worker": worker, "raw": raw.position, "skipped": dict(raw.take_skipped()),
+                              "defects": defects.take()}
+        except UserError as e:
+            if info is None:
+                raise
+            yield None, {"error": e}  # Loader raises it in the main process, its one line intact
 
     def _plan(self, worker: int, num_workers: int) -> WorkerPlan:
         cfg = self.cfg
@@ -133,13 +151,19 @@ class ShardStream(IterableDataset):
         return shuffled(samples, cfg.shuffle_buffer, derive_seed(cfg.seed, "buffer", epoch, self.rank, worker))
 
     def _read(self, shard: Shard, defects: _Defects, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        """Samples [start, stop) of a shard; the readable ones when it is defective (training)."""
+        """Samples [start, stop) of a shard; the readable ones when it is defective (training). The
+        unusable ones are tallied for the shard's defect line."""
+        tally = _Tally()
         try:
-            yield from iter_tar_samples(shard.url, start, stop, shard.size)
+            for sample in iter_tar_samples(shard.url, start, stop, shard.size, self.cfg.max_member_bytes):
+                tally.add(sample, unusable(sample, self.decoder))
+                yield sample
         except ShardError as e:
             if not self.cfg.reads_past_defects:
                 raise
-            defects.add(shard, e)
+            defects.add(shard, tally, e)
+            return
+        defects.add(shard, tally)
 
     def _resampled(self, seed: int, defects: _Defects) -> Iterator[dict]:
         """Shards drawn with replacement; a source's share of samples follows its weight."""
@@ -159,7 +183,7 @@ class ShardStream(IterableDataset):
         raise UserError(f"the last {MAX_EMPTY_DRAWS} shards drawn held no readable sample (rank {self.rank}; "
                         f"defective shards met: {defects.summary()}); check the shards with `mmpretrain inspect`")
 
-    def _fill(self, raw: _RawStream, size: int) -> list:
+    def _fill(self, raw: _RawStream, size: int, defects: _Defects) -> list:
         items: list = []
         bad_in_a_row = 0
         while len(items) < size:
@@ -172,8 +196,9 @@ class ShardStream(IterableDataset):
             bad_in_a_row += 1
             if sample is None or bad_in_a_row > MAX_CONSECUTIVE_BAD:
                 raise UserError(
-                    f"no usable samples left for rank {self.rank} (skipped: {dict(raw.skipped_total)}); "
-                    "check that the shards hold images and captions under the configured keys"
+                    f"no usable samples left for rank {self.rank} (skipped: {dict(raw.skipped_total)}; "
+                    f"defective shards met: {defects.summary()}); check that the shards exist and hold "
+                    "images and captions under the configured keys (`mmpretrain inspect`)"
                 )
         return items
 
@@ -183,6 +208,43 @@ def _mean_size(shards: list[Shard]) -> float:
     return sum(known) / len(known) if known else 1.0
 
 
+def unusable(sample: dict, decoder) -> str | None:
+    """Why a raw sample cannot be used (a reason counted in `skipped`), or None. Cheap: member keys and
+    a UTF-8 check of the caption, nothing decoded."""
+    return OVERSIZED if TOO_LARGE in sample else decoder.reject(sample)
+
+
+@dataclass
+class _Tally:
+    """What one read of a shard met: samples, the unusable ones by reason, the first too-large member."""
+
+    samples: int = 0
+    unusable: Counter = field(default_factory=Counter)
+    first_too_large: str | None = None
+
+    def add(self, sample: dict, reason: str | None) -> None:
+        self.samples += 1
+        if reason is not None:
+            self.unusable[reason] += 1
+        if reason == OVERSIZED and self.first_too_large is None:
+            self.first_too_large = f"{sample['__key__']}: {too_large(sample)}"
+
+    def findings(self) -> tuple[int, list[str]]:
+        """The samples worth a defect line (too large, or all unusable) and what to say about them."""
+        said, lost = [], 0
+        if self.samples and sum(self.unusable.values()) == self.samples:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.unusable.items()))
+            said.append(f"none of the {self.samples} samples read is usable ({reasons}); check the "
+                        "caption/image keys or re-create it")
+            lost = self.samples
+        elif self.unusable[OVERSIZED]:
+            lost = self.unusable[OVERSIZED]
+        if self.unusable[OVERSIZED]:
+            said.append(f"samples with a member over the size limit: {self.unusable[OVERSIZED]} skipped (first "
+                        f"{self.first_too_large}; raise data.max_member_bytes to keep them)")
+        return lost, said
+
+
 class _Defects:
     """The defective shards a worker met this epoch, each recorded once, handed to the main process
     with the next batch's meta."""
@@ -190,13 +252,19 @@ class _Defects:
     def __init__(self, epoch: int):
         self.epoch, self.pending, self.seen = epoch, [], set()
 
-    def add(self, shard: Shard, e: ShardError) -> None:
-        if shard.url in self.seen:  # resampled mode draws a shard many times
+    def add(self, shard: Shard, tally: _Tally, e: ShardError | None = None) -> None:
+        lost, said = tally.findings()
+        if (e is None and not said) or shard.url in self.seen:  # resampled mode draws a shard many times
             return
         self.seen.add(shard.url)
-        missing = None if shard.size is None else max(0, shard.size - e.samples)
-        self.pending.append({"epoch": self.epoch, "shard": shard.url, "problem": e.problem,
-                             "samples": e.samples, "missing": missing, "message": str(e)})
+        if e is not None:
+            problem, samples, message = e.problem, e.samples, "; ".join([str(e), *said])
+            missing = None if shard.size is None else max(0, shard.size - e.samples) + lost
+        else:
+            problem = OVERSIZED if tally.unusable[OVERSIZED] else NO_USABLE
+            samples, missing, message = tally.samples, lost, f"shard {shard.url}: " + "; ".join(said)
+        self.pending.append({"epoch": self.epoch, "shard": shard.url, "problem": problem,
+                             "samples": samples, "missing": missing, "message": message})
 
     def take(self) -> list[dict]:
         taken, self.pending = self.pending, []
@@ -230,7 +298,7 @@ class _RawStream:
         if sample is None:
             return None, None
         self.position += 1
-        reason = self.decoder.reject(sample)
+        reason = unusable(sample, self.decoder)
         if reason is None and len(self.reserve) < self.reserve_size:
             self.reserve.append(sample)
         return sample, reason

@@ -28,7 +28,14 @@ from mmpretrain.fileio import writing
 from mmpretrain.prepare.fetch import FetchOptions, fetch, ordered_map
 from mmpretrain.prepare.images import ImageOptions
 from mmpretrain.prepare.samples import Result, process_image_input, process_text_input, sample_key
-from mmpretrain.prepare.sources import ColumnOptions, Input, class_names, detect_kind, iter_inputs
+from mmpretrain.prepare.sources import (
+    ColumnOptions,
+    Input,
+    ReadOptions,
+    class_names,
+    detect_kind,
+    iter_inputs,
+)
 from mmpretrain.prepare.text import TextOptions, iter_text_inputs
 from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, SPLITS, STATS
 from mmpretrain.shards.writer import ShardSequence, atomic_write
@@ -51,15 +58,17 @@ class PrepareOptions:
     max_shard_bytes: int = 0
     val_fraction: float = 0.01
     dedupe: bool = False
+    follow_symlinks: bool = False
     # How the work is run, not what it produces: left out of the fingerprint.
     workers: int = 1
     threads: int = 16
+    in_flight: int = 0  # downloads running or done and waiting for an earlier one; 0: 32 * threads
     overwrite: bool = False
     progress: bool = True
 
     def fingerprint(self, sources: list[str]) -> str:
         settings = asdict(self)
-        for key in ("workers", "threads", "overwrite", "progress"):
+        for key in ("workers", "threads", "in_flight", "overwrite", "progress"):
             settings.pop(key)
         settings.pop("fetch")
         blob = json.dumps({"settings": settings, "sources": sources}, sort_keys=True, default=str)
@@ -136,7 +145,8 @@ def _check_kind(source: str, kind: str) -> None:
 def _streams(plan: dict, opts: PrepareOptions) -> list[Iterator[Input]]:
     if opts.text_only:
         return [iter_text_inputs(s, opts.text) for s in plan["sources"]]
-    return [iter_inputs(s, k, opts.columns, plan["classes"]) for s, k in zip(plan["sources"], plan["kinds"])]
+    read = ReadOptions(follow_symlinks=opts.follow_symlinks, max_member_bytes=opts.fetch.max_bytes)
+    return [iter_inputs(s, k, opts.columns, plan["classes"], read) for s, k in zip(plan["sources"], plan["kinds"])]
 
 
 def _already_complete(out: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -253,7 +263,8 @@ class _Run:
     def _download(self, inputs: Iterable[Input]) -> Iterator[Input]:
         if not any(k in ("csv", "tsv", "jsonl", "parquet") for k in self.plan["kinds"]):
             return iter(inputs)
-        return ordered_map(partial(_fetch_input, options=self.opts.fetch), inputs, self.opts.threads)
+        window = self.opts.in_flight or 32 * self.opts.threads
+        return ordered_map(partial(_fetch_input, options=self.opts.fetch), inputs, self.opts.threads, window)
 
     # -- consuming results -------------------------------------------------------------------
     def _consume(self, result: Result) -> None:

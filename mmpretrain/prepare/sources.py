@@ -2,6 +2,11 @@
 
 Order is fixed (sorted folder walks, manifest row order, tar member order) because the position
 of an input in the stream is its sample key, and byte-identical shards depend on it.
+
+A folder source reads only what lies inside it: a file that is a link resolving outside the folder
+(`ln -s /etc/passwd c.txt`) becomes an `outside_source` failure, unless `--follow-symlinks` says
+otherwise; links to directories are not walked unless it does either. A `.tar` source's members
+are size-checked from their headers before they are read (`too_large`, `--max-bytes`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from mmpretrain.shards.format import (
     member_bytes,
     sample_metadata,
 )
-from mmpretrain.shards.reader import ShardError, iter_tar_samples
+from mmpretrain.shards.reader import ShardError, iter_tar_samples, too_large
 from mmpretrain.shards.resolve import expand
 
 # Image files a source folder may hold (Pillow reads them all; `prepare` re-encodes them). Not the
@@ -62,6 +67,16 @@ class ColumnOptions:
     caption: str | None = None
     label: str | None = None
     caption_template: str = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How sources are read: what `prepare` may open and how much of it it holds at once."""
+
+    follow_symlinks: bool = False
+    """Follow links in folder sources that lead outside the source root (else `outside_source`)."""
+    max_member_bytes: int = 20_000_000
+    """Largest tar member a `.tar` source may hand over (`too_large` above it); `--max-bytes`."""
 
 
 def detect_kind(source: str, text_only: bool = False) -> str:
@@ -115,54 +130,104 @@ def class_names(root: str) -> list[str]:
     return sorted(n for n in os.listdir(path) if (path / n).is_dir())
 
 
-def iter_inputs(source: str, kind: str, columns: ColumnOptions, classes: list[str]) -> Iterator[Input]:
+def iter_inputs(source: str, kind: str, columns: ColumnOptions, classes: list[str],
+                read: ReadOptions = ReadOptions()) -> Iterator[Input]:
     if kind == "folder":
-        return iter_folder(Path(source))
+        return iter_folder(Path(source), read)
     if kind == "classes":
-        return iter_class_folders(Path(source), classes, columns.caption_template)
+        return iter_class_folders(Path(source), classes, columns.caption_template, read)
     if kind in ("csv", "tsv", "jsonl", "parquet"):
         return iter_manifest(Path(source), kind, columns)
     if kind == "wds":
-        return iter_tars(source)
+        return iter_tars(source, read)
     raise UserError(f"source {source}: kind '{kind}' is not an image-text source; use --text-only for text")
 
 
-def iter_folder(root: Path) -> Iterator[Input]:
+def iter_folder(root: Path, read: ReadOptions = ReadOptions()) -> Iterator[Input]:
     """img2dataset's "files" layout: IMAGE + same-stem .txt caption (+ optional .json, .cls)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    inside = None if read.follow_symlinks else os.path.realpath(root)
+    for dirpath, filenames in _walk(root, read.follow_symlinks):
+        linked = _linked_folder(inside, dirpath)
         by_stem: dict[str, dict[str, str]] = {}
-        for name in sorted(filenames):
+        for name in filenames:
             stem, ext = os.path.splitext(name)
             by_stem.setdefault(stem, {})[ext.lower()] = os.path.join(dirpath, name)
         for stem in sorted(by_stem):
             files = by_stem[stem]
             images = [files[e] for e in sorted(files) if e in IMAGE_FILE_SUFFIXES]
             for image in images:
-                yield Input(
+                inp = Input(
                     source=image,
                     image=image,
                     caption_path=files.get(".txt"),
                     meta_path=files.get(".json"),
                     label_path=files.get(".cls"),
                 )
+                paths = (image, inp.caption_path, inp.meta_path, inp.label_path)
+                inp.error = _outside_source(inside, linked, *(p for p in paths if p is not None))
+                yield inp
             if not images and ".txt" in files:
                 yield Input(
                     source=files[".txt"], error=("missing_image", "a caption file with no image beside it")
                 )
 
 
-def iter_class_folders(root: Path, classes: list[str], template: str) -> Iterator[Input]:
+def iter_class_folders(root: Path, classes: list[str], template: str,
+                       read: ReadOptions = ReadOptions()) -> Iterator[Input]:
     """ImageNet layout: ROOT/CLASS/**/IMAGE; caption from a template over the class name."""
+    inside = None if read.follow_symlinks else os.path.realpath(root)
     for name in class_names(str(root)):
         label = classes.index(name)
         caption = template.format(name.replace("_", " "))
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames.sort()
-            for fname in sorted(filenames):
+        for dirpath, filenames in _walk(root / name, read.follow_symlinks):
+            linked = _linked_folder(inside, dirpath)  # a class folder may itself be a link
+            for fname in filenames:
                 if _is_image(fname):
                     path = os.path.join(dirpath, fname)
-                    yield Input(source=path, image=path, caption=caption, label=label, extra={"class": name})
+                    yield Input(source=path, image=path, caption=caption, label=label, extra={"class": name},
+                                error=_outside_source(inside, linked, path))
+
+
+def _walk(root: Path, follow: bool) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) of a tree, folders in sorted order. Links to folders are walked
+    only when `follow`, and then each real folder once: a link to an ancestor would loop forever."""
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
+        dirnames.sort()
+        if follow:
+            kept = []
+            for name in dirnames:
+                real = os.path.realpath(os.path.join(dirpath, name))
+                if real not in seen:
+                    seen.add(real)
+                    kept.append(name)
+            dirnames[:] = kept
+        yield dirpath, sorted(filenames)
+
+
+def _linked_folder(root: str | None, folder: str) -> bool:
+    """Whether a folder being walked lies outside `root` (a real path; None: links are followed)
+    through a link: the top of a walk is entered even when it is a link (a class folder)."""
+    return root is not None and not _within(os.path.realpath(folder), root)
+
+
+def _outside_source(root: str | None, linked: bool, *paths: str) -> tuple[str, str] | None:
+    """The `outside_source` failure of the first path that resolves outside `root` (a real path;
+    None: links are followed). Only links and files in a `linked` folder need the realpath: the
+    walk enters no other linked folder."""
+    if root is None:
+        return None
+    for path in paths:
+        if linked or os.path.islink(path):
+            target = os.path.realpath(path)
+            if not _within(target, root):
+                return ("outside_source", f"{path} resolves to {target} through a link, outside the source "
+                                          f"folder {root}; pass --follow-symlinks to read it")
+    return None
+
+
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
 def iter_manifest(path: Path, kind: str, columns: ColumnOptions) -> Iterator[Input]:
@@ -302,12 +367,17 @@ def expand_tar_paths(source: str) -> list[str]:
     return paths
 
 
-def iter_tars(source: str) -> Iterator[Input]:
-    """Samples of existing WebDataset shards (ours, img2dataset's), to re-size or re-shard."""
+def iter_tars(source: str, read: ReadOptions = ReadOptions()) -> Iterator[Input]:
+    """Samples of existing WebDataset shards (ours, img2dataset's), to re-size or re-shard. A sample
+    with a member over read.max_member_bytes is a `too_large` failure, a broken shard one
+    `corrupt_shard` failure after its readable samples; both leave the other shards going."""
     paths = expand_tar_paths(source)
     for path in paths:
         try:
-            for sample in iter_tar_samples(path):
+            for sample in iter_tar_samples(path, max_member_bytes=read.max_member_bytes):
+                if (why := too_large(sample)) is not None:
+                    yield Input(source=f"{path}#{sample['__key__']}", error=("too_large", f"{why} (--max-bytes)"))
+                    continue
                 yield _tar_input(path, sample["__key__"], member_bytes(sample))
         except ShardError as e:
             yield Input(source=path, error=("corrupt_shard", str(e)))
