@@ -80,6 +80,84 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(shards, tmp_path, one
     assert len({round(v, 6) for v in reference.values()}) > 4  # the losses move: a real comparison
 
 
+def _launch_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(free_port()), *_train_cmd(overrides)[1:]]
+
+
+def _processes_naming(text: str) -> dict[int, int]:
+    """pid -> parent pid of every live (not zombie) process whose command line contains `text`."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text.encode() not in (entry / "cmdline").read_bytes():
+                continue
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        if state != "Z":
+            out[int(entry.name)] = int(parent)
+    return out
+
+
+def _written(run: Path) -> tuple[bytes, list[str]]:
+    return (run / "metrics.jsonl").read_bytes(), sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+def test_killing_the_launchers_group_ends_its_ranks_and_resume_gives_the_uninterrupted_losses(shards, tmp_path):
+    images, text = shards
+    extra = {"train.steps": 40, "train.checkpoint_every": 5}
+    whole = subprocess.run(_launch_cmd(train_overrides(tmp_path / "a", images, text, **extra)), cwd=ROOT,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = _losses(tmp_path / "a" / "run")
+    assert sorted(reference) == list(range(1, 41))
+
+    killed = train_overrides(tmp_path / "b", images, text, **extra)
+    run = tmp_path / "b" / "run"
+    with open(tmp_path / "launcher.err", "w") as err:  # the ranks write to the launcher's stderr
+        launcher = subprocess.Popen(_launch_cmd(killed), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)  # like `setsid accelerate launch ...`
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and launcher.poll() is None:
+            if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 20:
+                break
+            time.sleep(0.1)
+        assert launcher.poll() is None, f"ended before the kill: {(tmp_path / 'launcher.err').read_text()[-2000:]}"
+        ranks = [pid for pid, parent in _processes_naming(str(run)).items() if parent == launcher.pid]
+        assert len(ranks) == 2  # the launcher's own children (torch elastic), each in a session of its own
+        os.killpg(launcher.pid, signal.SIGKILL)  # the whole group: torch elastic's setsid keeps the ranks out of it
+        kept = _written(run)
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=60)
+    took = 0.0
+    while _processes_naming(str(run)):  # the ranks and their DataLoader workers
+        assert took < 10, _processes_naming(str(run))
+        time.sleep(0.1)
+        took += 0.1
+    assert _written(run) == kept  # nothing after the kill: no more metrics, no further checkpoint
+    assert 20 <= max(_losses(run)) < 40
+    err = (tmp_path / "launcher.err").read_text()
+    for pid in ranks:
+        assert f"(pid {pid}): the launcher (pid {launcher.pid}) is gone; stopping" in err, err[-3000:]
+
+    resumed = subprocess.run(_launch_cmd([*killed, "train.resume=latest"]), cwd=ROOT, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no longer running; taking the run folder over" in resumed.stderr  # rank 0's lock, left by the kill
+    assert not (run / ".lock").exists()
+    after = _losses(run)
+    assert sorted(after) == list(range(1, 41))
+    for step in range(1, 41):
+        assert after[step] == pytest.approx(reference[step], abs=1e-6, rel=0), step
+    assert len({round(v, 6) for v in reference.values()}) > 20  # the losses move: a real comparison
+
+
 def test_non_finite_loss_stops_and_the_last_checkpoint_stays_usable(shards, tmp_path, capsys):
     from mmpretrain.checkpoint.load import load_model
     from mmpretrain.cli import main

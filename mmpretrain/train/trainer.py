@@ -32,6 +32,7 @@ from mmpretrain.losses.siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_S
 from mmpretrain.models import TowerOptions, build_model, load_model_config, load_open_clip_weights
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size
+from mmpretrain.train.guard import exit_with_launcher, hold_run_folder
 from mmpretrain.train.optim import build_optimizer, build_scheduler
 from mmpretrain.train.runlog import RunLog, check_trackers
 from mmpretrain.train.step import accumulate_step
@@ -53,6 +54,7 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator=None):
         from accelerate.utils import DistributedType, set_seed
 
+        exit_with_launcher()  # before the rendezvous, which would wait for a dead launcher's store
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         set_seed(cfg.train.seed)  # the same initial weights on every process
@@ -131,10 +133,15 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to train.steps (resuming first when asked); returns the last step's metrics."""
+        """Train to train.steps (resuming first when asked); returns the last step's metrics. The run
+        folder is locked for the whole run, before anything reads it (one writer; guard.py)."""
+        require_training_data(self.cfg)
+        run_dir = Path(self.cfg.train.output_dir)
+        with hold_run_folder(run_dir, self.accelerator.is_main_process):
+            return self._fit(run_dir)
+
+    def _fit(self, run_dir: Path) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
-        require_training_data(cfg)
-        run_dir = Path(cfg.train.output_dir)
         resume = find_resume(cfg.train.resume, run_dir)
         loaders = self.build_loaders()
         self.periodic = PeriodicEval(cfg.eval, heads=self.heads, model_config=self.model_cfg,
