@@ -141,6 +141,7 @@ def test_override_syntax_errors(item, expected):
 @pytest.mark.parametrize("overrides, expected", [
     (["data.batch_size=0"], "data.batch_size = 0: must be >= 1"),
     (["data.text_batch_size=0"], "data.text_batch_size = 0: must be >= 1"),
+    (["data.max_member_bytes=0"], "data.max_member_bytes = 0: must be >= 1"),
     (["data.num_workers=-1"], "data.num_workers = -1: must be >= 0"),
     (["data.context_length=2"], "data.context_length = 2: must be >= 3"),
     (["data.mode=stream"], "data.mode = 'stream': must be one of resampled, epoch"),

@@ -104,7 +104,7 @@ _NON_EMPTY = (lambda v: v != ""), "must not be empty"
 _RULES: list[tuple[tuple[str, ...], tuple[Callable[[Any], bool], str]]] = [
     (("data.batch_size", "data.text_batch_size", "data.samples_per_epoch", "loss.tile_size",
       "loss.token_chunk_size", "train.steps", "train.accum_steps", "train.keep_checkpoints",
-      "eval.batch_size", "eval.max_samples", "logging.log_every"), _at_least(1)),
+      "eval.batch_size", "eval.max_samples", "logging.log_every", "data.max_member_bytes"), _at_least(1)),
     (("model.lock_image_unlocked_groups", "data.shuffle_buffer", "data.num_workers", "loss.clip_weight",
       "loss.mlm_weight", "loss.ar_weight", "loss.pair_weight", "optim.weight_decay", "schedule.warmup_steps",
       "train.checkpoint_every", "eval.every"), _at_least(0)),

@@ -113,10 +113,6 @@ class DataConfig:
     larger one is skipped, counted as "too_large" and its shard named. Checked from the tar header before
     anything is read, so a broken header claiming 100 GB costs a skip, not the run."""
 
-    def __post_init__(self):
-        if self.max_member_bytes < 1:  # the loader turns this into "data.max_member_bytes = 0: ..."
-            raise ValueError(f"max_member_bytes = {self.max_member_bytes!r}: must be >= 1")
-
 
 @dataclass
 class LossConfig:
