@@ -92,6 +92,14 @@ def mean_over_processes(values: dict[str, float], device: torch.device | str = "
     return dict(zip(keys, vector.tolist()))
 
 
+def end_process_group() -> None:
+    """Leave the process group, if one was joined, before the process exits: a gloo process that exits
+    with its group alive can die in gloo's threads ("terminate called without an active exception",
+    SIGABRT) after its work is done, which its launcher reports as a failed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """The main process's `obj` on every process (pickled by torch.distributed in memory, never from disk)."""
     _, world = rank_and_world()

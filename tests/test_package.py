@@ -89,3 +89,27 @@ def test_imports_point_one_way():
             if there and there != here and (rank[there] > rank[here] or (here, there) in FORBIDDEN):
                 wrong.append(f"{path.relative_to(ROOT)} imports mmpretrain.{there}")
     assert wrong == []
+
+
+def test_the_cli_leaves_the_process_group_it_joined_before_exiting(tmp_path):
+    """A gloo process that exits with its group alive can abort in gloo's threads after its work is
+    done (SIGABRT, which the launcher reports as a failed run): `main` destroys the group, whatever
+    the verb returned."""
+    from helpers import free_port, subprocess_env, write_shards
+
+    write_shards(tmp_path / "shards", [4])
+    script = f"""
+import sys
+import torch.distributed as dist
+import mmpretrain.runtime
+from mmpretrain.cli import main
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+ok = main(["inspect", {str(tmp_path / "shards")!r}])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+bad = main(["inspect", {str(tmp_path / "missing")!r}])
+print(ok, bad, dist.is_initialized())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-3:] == ["0", "2", "False"]  # success and a user error: both left the group

@@ -20,17 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every process has the same complaint
             print(f"mmpretrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except BrokenPipeError:  # `mmpretrain ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        code = 0
     except KeyboardInterrupt:
         print(f"mmpretrain {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    runtime = sys.modules.get("mmpretrain.runtime")  # loaded by every verb that can join a process group
+    if runtime is not None:
+        runtime.end_process_group()
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
