@@ -5,6 +5,7 @@ losses (mmpretrain.losses.collectives).
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,15 @@ def mean_over_processes(values: dict[str, float], device: torch.device | str = "
 
 
 def end_process_group() -> None:
-    """Leave the process group, if one was joined, before the process exits: a gloo process that exits
-    with its group alive can die in gloo's threads ("terminate called without an active exception",
-    SIGABRT) after its work is done, which its launcher reports as a failed run."""
+    """Leave the process group, if one was joined. Run at exit by every process that imported this
+    module (the CLI, the Trainer, any script of yours using them): a gloo process that exits with its
+    group alive can die in gloo's threads ("terminate called without an active exception", SIGABRT)
+    after its work is done, which its launcher reports as a failed run."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+atexit.register(end_process_group)
 
 
 def broadcast_from_main(obj: Any) -> Any:

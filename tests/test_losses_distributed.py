@@ -121,7 +121,6 @@ SCRIPT = textwrap.dedent(
 
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as fh:
         json.dump(results, fh)
-    acc.end_training()  # destroys the process group: gloo's threads otherwise may abort the exit
     """
 )
 

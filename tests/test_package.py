@@ -91,25 +91,23 @@ def test_imports_point_one_way():
     assert wrong == []
 
 
-def test_the_cli_leaves_the_process_group_it_joined_before_exiting(tmp_path):
+def test_a_process_that_imported_runtime_leaves_its_process_group_at_exit(tmp_path):
     """A gloo process that exits with its group alive can abort in gloo's threads after its work is
-    done (SIGABRT, which the launcher reports as a failed run): `main` destroys the group, whatever
-    the verb returned."""
+    done (SIGABRT, which the launcher reports as a failed run; test_losses_distributed failed 3 times
+    in 12 so). mmpretrain.runtime destroys the group at exit, after a command as after a script."""
     from helpers import free_port, subprocess_env, write_shards
 
     write_shards(tmp_path / "shards", [4])
     script = f"""
-import sys
+import atexit
 import torch.distributed as dist
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))  # runs last: registered first
 import mmpretrain.runtime
 from mmpretrain.cli import main
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-ok = main(["inspect", {str(tmp_path / "shards")!r}])
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-bad = main(["inspect", {str(tmp_path / "missing")!r}])
-print(ok, bad, dist.is_initialized())
+print("inspect:", main(["inspect", {str(tmp_path / "shards")!r}]))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env=subprocess_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split()[-3:] == ["0", "2", "False"]  # success and a user error: both left the group
+    assert proc.stdout.splitlines()[-2:] == ["inspect: 0", "initialized at exit: False"]

@@ -31,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mmpretrain {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    runtime = sys.modules.get("mmpretrain.runtime")  # loaded by every verb that can join a process group
-    if runtime is not None:
-        runtime.end_process_group()
     return code
 
 
