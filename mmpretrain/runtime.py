@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mmpretrain.config import Precision, choices
+from mmpretrain.errors import UserError
 
 # Our precision names -> accelerate's mixed_precision values.
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -37,8 +39,30 @@ def make_accelerator(precision: str = "fp32", *, log_with: list[str] | None = No
     if project_dir is not None:
         kwargs["project_config"] = ProjectConfiguration(project_dir=str(project_dir),
                                                         logging_dir=str(Path(project_dir) / "logs"))
-    return Accelerator(cpu=not accelerator_available(), mixed_precision=MIXED_PRECISION[precision],
-                       log_with=log_with or None, **kwargs)
+    try:
+        accelerator = Accelerator(cpu=not accelerator_available(), mixed_precision=MIXED_PRECISION[precision],
+                                  log_with=log_with or None, **kwargs)
+    except RuntimeError as exc:  # accelerate's FSDP plugin refuses CPU-only machines with a traceback
+        if accelerator_available() or "FSDP" not in str(exc):
+            raise
+        raise UserError(f"this launch asks for FSDP, which needs a GPU or another accelerator (accelerate: "
+                        f"{str(exc).strip().splitlines()[0]}); on CPU launch with "
+                        "--config_file configs/accelerate/cpu-2proc.yaml") from None
+    _say_if_fsdp_is_off(accelerator)
+    return accelerator
+
+
+def _say_if_fsdp_is_off(accelerator) -> None:
+    """accelerate (1.16, AcceleratorState) turns a launch's FSDP request into FSDP only from a GPU-like
+    distributed type (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...); a CPU launch is MULTI_CPU, and there the
+    request is dropped without a word. Say it: the run is DDP, same numbers, nothing sharded."""
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        print(f"mmpretrain: FSDP was asked for, but accelerate runs FSDP on GPUs and other accelerators only; this "
+              f"run is {accelerator.distributed_type.value}: every process holds all weights, and the updates are "
+              "FSDP's up to float rounding", file=sys.stderr)
 
 
 def share_cpu_cores(processes: int, workers: int) -> None:

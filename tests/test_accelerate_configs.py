@@ -119,3 +119,47 @@ def test_fsdp_wraps_every_transformer_layer_of_both_towers():
 
 # The cpu-2proc.yaml launch itself runs in tests/test_train_loop.py (the trainer's 2-process test
 # is started with this file and asserts MULTI_CPU, 2 processes, gloo).
+
+
+
+def _cpu_launch(launch_args: list[str], *command: str):
+    import subprocess
+    import sys
+
+    from helpers import free_port, subprocess_env
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", str(free_port()), *command]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=subprocess_env())
+
+
+def test_the_fsdp_file_on_a_cpu_machine_is_one_line(tmp_path, shards):
+    """accelerate's FSDP plugin raises on a machine without GPUs (sync_module_states); training says
+    so in one line, naming the CPU launch file."""
+    from helpers import CONFIG, train_overrides
+
+    images, text = shards
+    proc = _cpu_launch(["--config_file", str(CONFIGS / "fsdp.yaml")], "-m", "mmpretrain.train",
+                       "--config", CONFIG, *train_overrides(tmp_path, images, text))
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("mmpretrain train: error:")]
+    assert said == ["mmpretrain train: error: this launch asks for FSDP, which needs a GPU or another accelerator "
+                    "(accelerate: FSDP parameter initialization with `sync_module_states=True` is not supported "
+                    "on cpu.); on CPU launch with --config_file configs/accelerate/cpu-2proc.yaml"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fsdp_flags_on_a_cpu_machine_say_the_run_is_ddp(tmp_path):
+    """Without sync_module_states accelerate drops the FSDP request on CPU (MULTI_CPU is never promoted
+    to FSDP) without a word; the run says so, once."""
+    script = tmp_path / "which.py"
+    script.write_text("from mmpretrain.runtime import make_accelerator\n"
+                      "a = make_accelerator()\nprint('type', a.process_index, a.distributed_type.value)\n")
+    proc = _cpu_launch(["--use_fsdp", "--fsdp_version", "2"], str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("type")) == [
+        "type 0 MULTI_CPU", "type 1 MULTI_CPU"]
+    said = [line for line in proc.stderr.splitlines() if "FSDP was asked for" in line]
+    assert said == ["mmpretrain: FSDP was asked for, but accelerate runs FSDP on GPUs and other accelerators only; "
+                    "this run is MULTI_CPU: every process holds all weights, and the updates are FSDP's up to "
+                    "float rounding"]
