@@ -60,10 +60,23 @@ def _reference_metrics(image_emb, text_emb, t2i, ks=(1, 5, 10)):
     return out
 
 
+def _benchmark_recall(image_emb, text_emb, positive, k):
+    """CLIP_benchmark's R@k re-derived: the whole (Nt, Ni) score matrix, torch.topk per row, a query
+    hits when any of its positives is among its top k. `positive` (Nt, Ni) bool. -> (t2i, i2t)."""
+    scores = text_emb @ image_emb.T
+
+    def hits(s, pos):
+        top = torch.topk(s, min(k, s.shape[1]), dim=1).indices  # (Nq, k)
+        return pos.gather(1, top).any(1).double().mean().item()
+
+    return hits(scores, positive), hits(scores.T, positive.T)
+
+
 class RetrievalReference:
     sorted_keys = staticmethod(_sorted_keys)
     ranks = staticmethod(_reference_ranks)
     metrics = staticmethod(_reference_metrics)
+    benchmark_recall = staticmethod(_benchmark_recall)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from mmpretrain.data.text.masking import IGNORE_INDEX, MaskingConfig
 from mmpretrain.data.text.objectives import text_batch
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.eval.evaluator import EvalSettings, Evaluator
+from mmpretrain.eval.retrieval import group_captions
 from mmpretrain.eval.run import EvalRequest, run_eval
 from mmpretrain.models import build_model, load_model_config
 from mmpretrain.models.heads import Heads
@@ -158,20 +159,21 @@ def test_embeddings_follow_shard_order_with_every_caption(data):
 
 # -- retrieval ---------------------------------------------------------------------------------------
 def test_retrieval_equals_bruteforce_and_chunking_changes_nothing(data, capsys, retrieval_reference):
+    """Default positives = CLIP_benchmark's: each of the 17 samples is its own image (two pairs of them
+    hold the same picture); --positives image merges equal hashes into 15 images."""
     out, report = data["root"] / "retrieval.json", data["root"] / "retrieval.png"
     assert _cli("retrieval", "--checkpoint", data["run"], "--shards", data["images"], "--batch-size", "4",
                 "--out", str(out), "--report", str(report)) == 0
     table = capsys.readouterr().out
-    assert "text → image" in table and "15 images, 21 captions (17 samples)" in table
+    assert "text → image" in table and "17 images, 21 captions (17 samples)" in table
     result = json.loads(out.read_text())
     emb = _evaluator(data).embed([data["images"]], texts=True)  # same batches: the same bits
-    groups = _evaluator(data).caption_groups(emb)
-    reference = retrieval_reference.metrics(emb.image[emb.text_sample[groups.image_rows]].double(), emb.text.double(),
-                                   groups.text_to_image)
+    reference = retrieval_reference.metrics(emb.image.double(), emb.text.double(), emb.text_sample)
     metrics = result["metrics"]
     assert {k: metrics[k] for k in reference} == pytest.approx(reference, abs=1e-12)
-    assert (metrics["num_images"], metrics["num_texts"], metrics["num_samples"]) == (15, 21, 17)
-    assert result["counts"] == {"samples": 17, "images": 15, "captions": 21, "skipped": {}}
+    assert (metrics["num_images"], metrics["num_texts"], metrics["num_samples"]) == (17, 21, 17)
+    assert result["counts"] == {"samples": 17, "images": 17, "distinct_images": 15, "captions": 21, "skipped": {}}
+    assert result["settings"]["positives"] == "sample"
     assert result["model"]["kind"] == "checkpoint" and result["model"]["step"] == 3
     assert result["settings"]["processes"] == 1
     with Image.open(report) as png:
@@ -182,6 +184,17 @@ def test_retrieval_equals_bruteforce_and_chunking_changes_nothing(data, capsys, 
     assert _cli("retrieval", "--checkpoint", data["ckpt"], "--shards", data["images"], "--batch-size", "4",
                 "--chunk-size", "2", "--out", str(chunked)) == 0
     assert json.loads(chunked.read_text())["metrics"] == metrics
+
+    merged = data["root"] / "merged.json"
+    assert _cli("retrieval", "--checkpoint", data["ckpt"], "--shards", data["images"], "--batch-size", "4",
+                "--positives", "image", "--out", str(merged)) == 0
+    groups = group_captions([emb.hashes[s] for s in emb.text_sample.tolist()])
+    reference = retrieval_reference.metrics(emb.image[emb.text_sample[groups.image_rows]].double(),
+                                            emb.text.double(), groups.text_to_image)
+    result = json.loads(merged.read_text())
+    assert {k: result["metrics"][k] for k in reference} == pytest.approx(reference, abs=1e-12)
+    assert (result["metrics"]["num_images"], result["counts"]["images"]) == (15, 15)
+    assert result["settings"]["positives"] == "image"
 
 
 # -- zero-shot ---------------------------------------------------------------------------------------
@@ -202,7 +215,8 @@ def test_zeroshot_uses_dataset_json_names_and_matches_reference(data, capsys):
     assert "acc5" not in metrics  # 4 classes: top-5 is meaningless
     assert [c["class"] for c in metrics["per_class"]] == CLASSES
     assert [c["count"] for c in metrics["per_class"]] == [5, 4, 4, 4]
-    assert result["settings"]["classnames"] == "dataset.json" and result["settings"]["num_templates"] == 12
+    assert result["settings"]["classnames"] == str(data["root"] / "img" / "dataset.json")
+    assert (result["settings"]["templates"], result["settings"]["num_templates"]) == ("default", 12)
     assert result["counts"]["labelled"] == 17
     with Image.open(report) as png:
         assert png.format == "PNG"

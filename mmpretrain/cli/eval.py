@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from mmpretrain.cli.types import positive_int
-from mmpretrain.config.schema import Precision, choices
+from mmpretrain.config.schema import Positives, Precision, choices
 
 EVAL_HELP = {
     "retrieval": "image<->text retrieval R@1/5/10, mean/median rank (several captions per image)",
@@ -33,10 +33,18 @@ def add_parser(sub) -> None:
             t.add_argument("--report", help="write a PNG report here (retrieved images / per-class accuracy)")
         if task == "retrieval":
             t.add_argument("--report-queries", type=positive_int, default=8, help="captions shown in the report")
+            t.add_argument("--positives", choices=choices(Positives), default="sample",
+                           help="which captions hit which images: sample = each sample is its own image "
+                                "(CLIP_benchmark, open_clip_train); image = samples with equal image hash are one "
+                                "image; caption = also every image with exactly the same caption text")
         if task == "zeroshot":
-            t.add_argument("--classnames", help="class names, one per line, label 0 first "
-                                                "(default: the shards' dataset.json)")
-            t.add_argument("--templates", help="prompt templates, one per line with {} (default: built-in set)")
+            t.add_argument("--classnames", metavar="FILE_OR_SET",
+                           help="class names, one per line, label 0 first, or a built-in set: imagenet1k "
+                                "(default: the shards' dataset.json or CLIP_benchmark classnames.txt)")
+            t.add_argument("--templates", metavar="FILE_OR_SET",
+                           help="prompt templates, one per line with {} or {c}, or a built-in set: default "
+                                "(ours, 12), openai (CLIP's 80 ImageNet prompts), openai-7 (default: CLIP_benchmark's "
+                                "zeroshot_classification_templates.txt beside the shards, else default)")
         t.add_argument("--batch-size", type=positive_int, default=256, help="per process")
         t.add_argument("--workers", type=int, default=2, help="data-loading workers per process")
         t.add_argument("--precision", choices=choices(Precision), default="fp32")
@@ -54,7 +62,8 @@ def _run_eval(args) -> int:
     request = EvalRequest(
         task=args.task, checkpoint=args.checkpoint, shards=args.shards, model=args.model, out=args.out,
         report=getattr(args, "report", None), classnames=getattr(args, "classnames", None),
-        templates=getattr(args, "templates", None), precision=args.precision, seed=args.seed,
+        templates=getattr(args, "templates", None), positives=getattr(args, "positives", "sample"),
+        precision=args.precision, seed=args.seed,
         report_queries=getattr(args, "report_queries", 8),
         settings=EvalSettings(batch_size=args.batch_size, num_workers=max(0, args.workers),
                               chunk_size=args.chunk_size, progress=not args.no_progress),

@@ -22,6 +22,7 @@ from mmpretrain.config.schema import (
     ModelConfig,
     OptimConfig,
     PairObjective,
+    Positives,
     Precision,
     ScheduleConfig,
     ScheduleName,
@@ -31,5 +32,5 @@ from mmpretrain.config.schema import (
 
 __all__ = ["COMMAND_LINE", "Config", "Contrastive", "DataConfig", "DataMode", "EvalConfig", "LoggingConfig",
            "LossConfig", "MaskStrategy", "MaskingConfig", "ModelConfig", "OptimConfig", "PairObjective",
-           "Precision", "ScheduleConfig", "ScheduleName", "TrainConfig", "choices", "config_to_dict",
+           "Positives", "Precision", "ScheduleConfig", "ScheduleName", "TrainConfig", "choices", "config_to_dict",
            "load_config", "require_training_data", "save_config", "validate_config"]

@@ -16,6 +16,7 @@ ScheduleName = Literal["cosine", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 PairObjective = Literal["nsp", "sop"]
 MaskStrategy = Literal["token", "whole_word", "span"]
+Positives = Literal["sample", "image", "caption"]  # retrieval: which captions hit which images
 
 
 def choices(alias) -> tuple[str, ...]:
@@ -190,12 +191,17 @@ class EvalConfig:
     """Evaluate every this many steps (and at the end); 0 = never during training."""
     retrieval_shards: list[str] = field(default_factory=list)
     """Held-out image-text shards for retrieval."""
+    retrieval_positives: Positives = "sample"
+    """Retrieval positives: "sample" (each sample its own image, as CLIP_benchmark), "image" (samples
+    with equal image hash are one image), "caption" (also images with exactly the same caption)."""
     zeroshot_shards: list[str] = field(default_factory=list)
     """Labelled image shards (KEY.cls) for zero-shot classification."""
     classnames: str | None = None
-    """Class-name file for zero-shot; None = the shards' dataset.json."""
+    """Class-name file or built-in set ("imagenet1k") for zero-shot; None = the shards' dataset.json
+    (or CLIP_benchmark's classnames.txt)."""
     templates: str | None = None
-    """Prompt-template file for zero-shot; None = the built-in set."""
+    """Prompt-template file ({} or {c}) or built-in set ("default", "openai", "openai-7") for
+    zero-shot; None = CLIP_benchmark's templates file beside the shards, else "default"."""
     text_shards: list[str] = field(default_factory=list)
     """Held-out text shards for MLM accuracy and AR perplexity."""
     batch_size: int = 256

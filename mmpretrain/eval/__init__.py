@@ -9,26 +9,38 @@ from mmpretrain.eval.report import RetrievalExample, render_report, retrieval_ex
 from mmpretrain.eval.retrieval import (
     CaptionGroups,
     EvalInputError,
+    RetrievalPositives,
+    caption_pairs,
     group_captions,
     positive_ranks,
     rank_summary,
     retrieval_metrics,
+    retrieval_positives,
     retrieval_ranks,
     top_k,
 )
-from mmpretrain.eval.templates import DEFAULT_TEMPLATES
+from mmpretrain.eval.templates import DEFAULT_TEMPLATES, fill
 from mmpretrain.eval.text_metrics import TextMetrics, ar_counts, mlm_counts
-from mmpretrain.eval.zeroshot import class_embeddings, classification_metrics, load_classnames, load_templates
+from mmpretrain.eval.zeroshot import (
+    class_embeddings,
+    classification_metrics,
+    load_classnames,
+    load_templates,
+    zeroshot_prompts,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "CaptionGroups",
     "EvalInputError",
     "RetrievalExample",
+    "RetrievalPositives",
     "TextMetrics",
     "ar_counts",
+    "caption_pairs",
     "class_embeddings",
     "classification_metrics",
+    "fill",
     "group_captions",
     "load_classnames",
     "load_templates",
@@ -38,6 +50,8 @@ __all__ = [
     "render_report",
     "retrieval_examples",
     "retrieval_metrics",
+    "retrieval_positives",
     "retrieval_ranks",
     "top_k",
+    "zeroshot_prompts",
 ]

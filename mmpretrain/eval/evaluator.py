@@ -28,7 +28,12 @@ from mmpretrain.data.loader import TextBranch, image_text_loader, text_loader
 from mmpretrain.data.stream import StreamConfig
 from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
-from mmpretrain.eval.retrieval import EvalInputError, group_captions, retrieval_metrics
+from mmpretrain.eval.retrieval import (
+    EvalInputError,
+    RetrievalPositives,
+    retrieval_metrics,
+    retrieval_positives,
+)
 from mmpretrain.eval.text_metrics import TextMetrics, ar_counts, mlm_counts
 from mmpretrain.eval.zeroshot import class_embeddings, classification_metrics
 from mmpretrain.losses.collectives import all_gather_with_grad
@@ -94,14 +99,16 @@ class Evaluator:
         return self.rank == 0
 
     # -- tasks -------------------------------------------------------------------------------------
-    def retrieval(self, shards: Sequence[str], ks: Sequence[int] = (1, 5, 10)) -> EvalResult:
-        """Image<->text R@k, mean/median rank; captions of one image (equal hash, or a .json list) group."""
+    def retrieval(self, shards: Sequence[str], ks: Sequence[int] = (1, 5, 10), *,
+                  positives: str = "sample") -> EvalResult:
+        """Image<->text R@k, mean/median rank; `positives` says which captions hit which images
+        (eval.retrieval: "sample" as CLIP_benchmark, "image" = equal hashes merged, "caption")."""
         emb = self.embed(shards, texts=True)
 
         def score() -> dict:
-            groups = self.caption_groups(emb)
-            image = emb.image[emb.text_sample[groups.image_rows]]  # (Ni, d): an image's first sample
-            metrics = retrieval_metrics(image, emb.text, groups.text_to_image, ks=tuple(ks),
+            pos = self.positives(emb, positives)
+            image = emb.image[pos.image_rows]  # (Ni, d)
+            metrics = retrieval_metrics(image, emb.text, pos.text_to_image, ks=tuple(ks), pairs=pos.pairs,
                                         chunk_size=self.settings.chunk_size)
             return {**metrics, "num_samples": len(emb.sources)}
 
@@ -215,9 +222,10 @@ class Evaluator:
             parts.append(emb.float().cpu())
         return torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
 
-    def caption_groups(self, emb: Embeddings):
-        """Captions grouped by image: samples whose images hash equal are one image."""
-        return group_captions([emb.hashes[s] for s in emb.text_sample.tolist()])
+    @staticmethod
+    def positives(emb: Embeddings, positives: str) -> RetrievalPositives:
+        """The images (sample rows) and each caption's positives under `positives`."""
+        return retrieval_positives(positives, emb.text_sample, emb.hashes, emb.captions)
 
     # -- gathering ---------------------------------------------------------------------------------
     def _assemble(self, image: Tensor, text: Tensor | None, counts: list[int], meta: dict,

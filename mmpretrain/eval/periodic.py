@@ -14,8 +14,7 @@ import torch
 
 from mmpretrain.config import EvalConfig
 from mmpretrain.eval.evaluator import EvalSettings, Evaluator
-from mmpretrain.eval.templates import DEFAULT_TEMPLATES
-from mmpretrain.eval.zeroshot import classnames_from_shards, load_classnames, load_templates
+from mmpretrain.eval.zeroshot import Prompts, zeroshot_prompts
 from mmpretrain.models.heads import Heads
 from mmpretrain.shards.resolve import ShardSource, resolve
 
@@ -25,10 +24,9 @@ class PeriodicEval:
                  seed: int):
         self.cfg, self.heads, self.model_config, self.seed = cfg, heads, model_config, seed
         self.settings = EvalSettings(batch_size=cfg.batch_size, num_workers=num_workers, progress=False)
-        self.zeroshot: tuple[list[str], list[str]] | None = None
+        self.zeroshot: Prompts | None = None
         if cfg.every and cfg.zeroshot_shards:
-            names = load_classnames(cfg.classnames) if cfg.classnames else classnames_from_shards(cfg.zeroshot_shards)
-            self.zeroshot = names, (load_templates(cfg.templates) if cfg.templates else list(DEFAULT_TEMPLATES))
+            self.zeroshot = zeroshot_prompts(cfg.classnames, cfg.templates, cfg.zeroshot_shards)
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.cfg.every) and (step % self.cfg.every == 0 or last)
@@ -43,10 +41,12 @@ class PeriodicEval:
         model.eval()
         try:
             if e.retrieval_shards:
-                done = evaluator.retrieval(limit_shards(e.retrieval_shards, e.max_samples))
+                done = evaluator.retrieval(limit_shards(e.retrieval_shards, e.max_samples),
+                                           positives=e.retrieval_positives)
                 results.update(_scalars("retrieval", done.metrics))
             if self.zeroshot is not None:
-                done = evaluator.zeroshot(limit_shards(e.zeroshot_shards, e.max_samples), *self.zeroshot)
+                done = evaluator.zeroshot(limit_shards(e.zeroshot_shards, e.max_samples),
+                                          self.zeroshot.classnames, self.zeroshot.templates)
                 results.update(_scalars("zeroshot", done.metrics))
             if e.text_shards and (self.heads.mlm or self.heads.ar):
                 done = evaluator.text(limit_shards(e.text_shards, e.max_samples), seed=self.seed)

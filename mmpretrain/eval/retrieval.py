@@ -1,14 +1,23 @@
 """Image-text retrieval metrics on embeddings, CLIP_benchmark style, without the N x N score matrix.
 
-Several captions may describe one image: samples whose image content hash is equal are one image,
-and a sample whose ``.json`` carries a list of captions adds one caption per entry. A query hits at k
-if any of its positives is in its top k. Text -> image averages over captions (one positive each),
-image -> text over images (the best-ranked of its captions counts).
+Several captions may describe one image (a ``.json`` "captions" list, or the lines of a ``.txt``).
+What counts as a positive is POSITIVES (see `group_captions`, `caption_pairs`):
+
+* ``sample`` (default): every sample is its own image with its own captions, as CLIP_benchmark and
+  open_clip_train score; two samples holding the same picture are two images.
+* ``image``: samples whose image content hash is equal are one image with all of their captions.
+* ``caption``: as ``sample``, and a caption is also a positive of every image that has a caption with
+  exactly the same text (two images both captioned "A frog." are each other's hits, both directions).
+
+A query hits at k if any of its positives is in its top k. Text -> image averages over captions,
+image -> text over images (the best-ranked positive counts).
 
 Keys are ordered by score descending, ties by key index ascending, so the rank of positive p for
-query q is ``1 + #{j: s_j > s_p} + #{j < p: s_j == s_p}``. Scores are dot products of the embeddings
-as given (the caller normalises). Queries are scored in chunks of ``chunk_size`` rows against all
-keys: memory is O(max(chunk_size, GEMM_ROWS) x N), never N x N.
+query q is ``1 + #{j: s_j > s_p} + #{j < p: s_j == s_p}``. CLIP_benchmark takes ``torch.topk``'s
+order, which leaves exact ties unspecified: the two can differ only when a positive ties, bit for
+bit, with another key at the k-th place. Scores are dot products of the embeddings as given (the
+caller normalises). Queries are scored in chunks of ``chunk_size`` rows against all keys: memory is
+O(max(chunk_size, GEMM_ROWS) x N), never N x N.
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmpretrain.config import Positives, choices
 from mmpretrain.errors import UserError
 
 DEFAULT_KS = (1, 5, 10)
+POSITIVES: tuple[str, ...] = choices(Positives)  # what a query's positives are (module docstring)
 # Every score comes from a GEMM of exactly GEMM_ROWS query rows (aligned at its multiples), never from
 # a GEMM shaped by chunk_size: MKL rounds a 7-row product differently from a 64-row one (measured: 70-90%
 # of float32 entries differ by 1 ulp, float64 too), which would let chunk_size move near-ties. With fixed
@@ -57,6 +68,52 @@ def group_captions(image_keys: Sequence[Hashable]) -> CaptionGroups:
         text_to_image.append(index[key])
     return CaptionGroups(torch.tensor(text_to_image, dtype=torch.long),
                          torch.tensor(image_rows, dtype=torch.long))
+
+
+class RetrievalPositives(NamedTuple):
+    image_rows: Tensor  # (Ni,) long: the sample whose image embedding stands for each image
+    text_to_image: Tensor  # (Nt,) long: the image of each caption
+    pairs: tuple[Tensor, Tensor] | None  # (pair_text, pair_image) (P,) when positives go beyond text_to_image
+
+
+def retrieval_positives(positives: str, text_sample: Tensor, sample_hashes: Sequence[Hashable],
+                        captions: Sequence[str]) -> RetrievalPositives:
+    """Images and positives for POSITIVES (module docstring) from per-caption sample rows.
+
+    text_sample (Nt,): the sample row of each caption, grouped by sample (non-decreasing);
+    sample_hashes (S,): each sample's image content hash; captions (Nt,): the caption texts.
+    """
+    if positives not in POSITIVES:
+        raise EvalInputError(f"retrieval: positives {positives!r}: choose one of {', '.join(POSITIVES)}")
+    text_sample = torch.as_tensor(text_sample, dtype=torch.long)
+    if positives == "image":
+        groups = group_captions([sample_hashes[s] for s in text_sample.tolist()])
+        return RetrievalPositives(text_sample[groups.image_rows], groups.text_to_image, None)
+    image_rows, text_to_image = torch.unique(text_sample, return_inverse=True)  # samples with captions
+    if positives == "sample":
+        return RetrievalPositives(image_rows, text_to_image, None)
+    return RetrievalPositives(image_rows, text_to_image, caption_pairs(captions, text_to_image))
+
+
+def caption_pairs(captions: Sequence[str], text_to_image) -> tuple[Tensor, Tensor]:
+    """(pair_text, pair_image) (P,) long: caption t is a positive of every image that has a caption
+    with exactly t's text (its own image included), for ``positives="caption"``.
+
+    A text shared by n captions on m images gives n x m pairs: a caption repeated on most of a large
+    set (e.g. "image") makes this quadratic in that caption's count.
+    """
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long)
+    if len(captions) != len(t2i):
+        raise EvalInputError(f"caption_pairs: {len(captions)} captions but {len(t2i)} text_to_image entries")
+    images_of: dict[str, dict[int, None]] = {}  # text -> its images, in first-seen order
+    for text, image in zip(captions, t2i.tolist()):
+        images_of.setdefault(text, {})[image] = None
+    pair_text, pair_image = [], []
+    for t, text in enumerate(captions):
+        for image in images_of[text]:
+            pair_text.append(t)
+            pair_image.append(image)
+    return torch.tensor(pair_text, dtype=torch.long), torch.tensor(pair_image, dtype=torch.long)
 
 
 # -- input checks ----------------------------------------------------------------------------------
@@ -189,9 +246,13 @@ def top_k(query_emb: Tensor, key_emb: Tensor, k: int, *, chunk_size: int = 1024)
 
 
 # -- retrieval -------------------------------------------------------------------------------------
-def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image, *,
+def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image, *, pairs: tuple | None = None,
                     chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(image_to_text (Ni,), text_to_image (Nt,)) 1-based ranks of each query's best positive."""
+    """(image_to_text (Ni,), text_to_image (Nt,)) 1-based ranks of each query's best positive.
+
+    Positives are each caption's image (text_to_image), or the (pair_text, pair_image) `pairs` when
+    given (see caption_pairs; they must include each caption's own image).
+    """
     image_emb, text_emb = check_embeddings("retrieval", "image_emb", image_emb, "text_emb", text_emb)
     ni, nt = len(image_emb), len(text_emb)
     t2i = check_indices("retrieval", "text_to_image", text_to_image, nt, "text_emb", ni, "images")
@@ -199,9 +260,12 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image, *,
     if len(captionless):
         raise EvalInputError(f"retrieval: image {captionless[0].item()} has no caption; every image needs "
                              f"at least one (drop it, or map its captions to it in text_to_image)")
-    texts = torch.arange(nt)
-    i2t_ranks = positive_ranks(image_emb, text_emb, t2i, texts, chunk_size=chunk_size)
-    t2i_ranks = positive_ranks(text_emb, image_emb, texts, t2i, chunk_size=chunk_size)
+    pair_text, pair_image = torch.arange(nt), t2i
+    if pairs is not None:
+        pair_text = check_indices("retrieval", "pairs[0]", pairs[0], len(pairs[0]), "pairs[0]", nt, "captions")
+        pair_image = check_indices("retrieval", "pairs[1]", pairs[1], len(pair_text), "pairs[0]", ni, "images")
+    i2t_ranks = positive_ranks(image_emb, text_emb, pair_image, pair_text, chunk_size=chunk_size)
+    t2i_ranks = positive_ranks(text_emb, image_emb, pair_text, pair_image, chunk_size=chunk_size)
     return i2t_ranks, t2i_ranks
 
 
@@ -219,15 +283,16 @@ def rank_summary(ranks: Tensor, prefix: str, ks: Sequence[int] = DEFAULT_KS) -> 
 
 
 def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image, *, ks: Sequence[int] = DEFAULT_KS,
-                      chunk_size: int = 1024) -> dict[str, float | int]:
+                      pairs: tuple | None = None, chunk_size: int = 1024) -> dict[str, float | int]:
     """R@k, mean and median rank in both directions, CLIP_benchmark semantics (see module docstring).
 
     image_emb (Ni, d), text_emb (Nt, d), text_to_image (Nt,): the image index of each caption (see
-    group_captions). Keys: ``image_to_text_R@{k}``, ``image_to_text_mean_rank``,
-    ``image_to_text_median_rank``, the same with ``text_to_image_``, ``num_images``, ``num_texts``.
+    group_captions, retrieval_positives); `pairs`: positives beyond text_to_image (see retrieval_ranks).
+    Keys: ``image_to_text_R@{k}``, ``image_to_text_mean_rank``, ``image_to_text_median_rank``, the same
+    with ``text_to_image_``, ``num_images``, ``num_texts``.
     """
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise EvalInputError(f"retrieval: ks must be positive integers, got {list(ks)!r}")
-    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size=chunk_size)
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, pairs=pairs, chunk_size=chunk_size)
     return {**rank_summary(i2t, "image_to_text_", ks), **rank_summary(t2i, "text_to_image_", ks),
             "num_images": len(i2t), "num_texts": len(t2i)}

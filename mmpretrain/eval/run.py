@@ -21,9 +21,8 @@ import mmpretrain
 from mmpretrain.config import Precision, choices
 from mmpretrain.eval.evaluator import Embeddings, EvalSettings, Evaluator
 from mmpretrain.eval.report import render_report, retrieval_examples
-from mmpretrain.eval.retrieval import EvalInputError
-from mmpretrain.eval.templates import DEFAULT_TEMPLATES
-from mmpretrain.eval.zeroshot import classnames_from_shards, load_classnames, load_templates
+from mmpretrain.eval.retrieval import POSITIVES, EvalInputError
+from mmpretrain.eval.zeroshot import zeroshot_prompts
 from mmpretrain.fileio import atomic_write, writing
 from mmpretrain.runtime import make_accelerator
 from mmpretrain.shards.format import image_ext
@@ -44,7 +43,11 @@ class EvalRequest:
     report: str | None = None
     """PNG report: retrieved images per query caption, or per-class accuracy bars."""
     classnames: str | None = None
+    """Class-name file or built-in set (imagenet1k); None = beside the shards."""
     templates: str | None = None
+    """Template file or built-in set (default, openai, openai-7); None = beside the shards, else default."""
+    positives: str = "sample"
+    """Retrieval: "sample" (CLIP_benchmark), "image" (equal image hashes merged) or "caption"."""
     precision: str = "fp32"
     seed: int = 0
     """Text task: seeds each text's mask; retrieval report: which captions are shown."""
@@ -66,14 +69,15 @@ def run_eval(req: EvalRequest) -> dict[str, Any] | None:
                           settings=req.settings, autocast=accelerator.autocast)
     task_settings: dict[str, Any] = {}
     if req.task == "retrieval":
-        done = evaluator.retrieval(req.shards)
+        done = evaluator.retrieval(req.shards, positives=req.positives)
         metrics = done.metrics
+        task_settings = {"positives": req.positives}
     elif req.task == "zeroshot":
-        classnames = load_classnames(req.classnames) if req.classnames else classnames_from_shards(req.shards)
-        templates = load_templates(req.templates) if req.templates else list(DEFAULT_TEMPLATES)
-        task_settings = {"classnames": req.classnames or "dataset.json", "num_templates": len(templates)}
-        done = evaluator.zeroshot(req.shards, classnames, templates)
-        metrics = _name_classes(done.metrics, classnames)
+        prompts = zeroshot_prompts(req.classnames, req.templates, req.shards)
+        task_settings = {"classnames": prompts.classnames_from, "templates": prompts.templates_from,
+                         "num_templates": len(prompts.templates)}
+        done = evaluator.zeroshot(req.shards, prompts.classnames, prompts.templates)
+        metrics = _name_classes(done.metrics, prompts.classnames)
     else:
         done = evaluator.text(req.shards, seed=req.seed)
         metrics = done.metrics
@@ -121,6 +125,8 @@ def _check_request(req: EvalRequest) -> None:
             raise EvalInputError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it first")
     if req.task != "zeroshot" and (req.classnames or req.templates):
         raise EvalInputError("--classnames/--templates belong to eval zeroshot")
+    if req.positives not in POSITIVES:
+        raise EvalInputError(f"--positives {req.positives!r}: choose one of {', '.join(POSITIVES)}")
 
 
 def _no_heads_reason(kind: str) -> str:
@@ -130,15 +136,16 @@ def _no_heads_reason(kind: str) -> str:
 
 def _retrieval_extra(evaluator: Evaluator, metrics: dict[str, Any], emb: Embeddings,
                      req: EvalRequest) -> dict[str, Any]:
-    extra: dict[str, Any] = {"counts": {"samples": len(emb.sources), "images": len(set(emb.hashes)),
-                                        "captions": len(emb.captions), "skipped": emb.skipped}}
+    extra: dict[str, Any] = {"counts": {"samples": len(emb.sources), "images": metrics["num_images"],
+                                        "distinct_images": len(set(emb.hashes)), "captions": len(emb.captions),
+                                        "skipped": emb.skipped}}
     if req.report:
-        groups = evaluator.caption_groups(emb)
-        image_samples = emb.text_sample[groups.image_rows].tolist()  # image number -> its first sample
+        pos = evaluator.positives(emb, req.positives)
+        image_samples = pos.image_rows.tolist()  # image number -> its sample
         count = min(req.report_queries, len(emb.captions))
         queries = torch.randperm(len(emb.captions), generator=torch.Generator().manual_seed(req.seed))[:count]
         examples = retrieval_examples(
-            emb.text, emb.image[image_samples], groups.text_to_image, emb.captions,
+            emb.text, emb.image[image_samples], pos.text_to_image, emb.captions,
             lambda i: load_sample_image(*emb.sources[image_samples[i]]), sorted(queries.tolist()),
         )
         render_report(req.report, retrieval_examples=examples, title=_title(req),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,16 @@ from mmpretrain.eval.retrieval import (
     positive_ranks,
     top_k,
 )
-from mmpretrain.eval.templates import DEFAULT_TEMPLATES
-from mmpretrain.shards.layout import DATASET
+from mmpretrain.eval.templates import (
+    CLASSNAME_SETS,
+    DEFAULT_TEMPLATES,
+    TEMPLATE_SETS,
+    builtin_classnames,
+    builtin_templates,
+    fill,
+    has_slot,
+)
+from mmpretrain.shards.layout import BENCHMARK_CLASSNAMES, BENCHMARK_TEMPLATES, DATASET
 from mmpretrain.shards.resolve import dataset_root
 
 EncodeText = Callable[[list[str]], Tensor]  # texts -> (len(texts), d) embeddings
@@ -33,21 +42,21 @@ def _check_templates(templates: Sequence[str], where: str = "templates") -> None
     if not templates:
         raise EvalInputError(f"zeroshot: {where} is empty; give at least one prompt template with {{}}")
     for i, template in enumerate(templates):
-        if "{}" not in template:
-            raise EvalInputError(f"zeroshot: {where} entry {i} {template!r} has no {{}} for the class name")
+        if not has_slot(template):
+            raise EvalInputError(f"zeroshot: {where} entry {i} {template!r} has no {{}} or {{c}} for the class name")
 
 
 def class_embeddings(encode_text: EncodeText, classnames: Sequence[str],
                      templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 256) -> Tensor:
     """(C, d) unit-norm class embeddings: the mean of each class's normalised prompt embeddings.
 
-    Prompts are ``template.replace("{}", name)`` for every class and template, encoded in batches of
+    Prompts are ``templates.fill(template, name)`` for every class and template, encoded in batches of
     `batch_size` with `encode_text` (no gradient).
     """
     if not classnames:
         raise EvalInputError("zeroshot: no class names; give at least one")
     _check_templates(templates)
-    prompts = [t.replace("{}", name) for name in classnames for t in templates]  # class-major
+    prompts = [fill(t, name) for name in classnames for t in templates]  # class-major
     parts = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
@@ -140,13 +149,13 @@ def load_classnames(path: str | Path) -> list[str]:
 
 
 def load_templates(path: str | Path) -> list[str]:
-    """Prompt templates, one per line, each with ``{}`` for the class name; blank lines skipped."""
+    """Prompt templates, one per line, each with ``{}`` or ``{c}`` for the class name; blank lines skipped."""
     templates = []
     for number, line in enumerate(_read_lines(path, "template"), 1):
         if not line:
             continue
-        if "{}" not in line:
-            raise EvalInputError(f"template file {path}: line {number} {line!r} has no {{}} "
+        if not has_slot(line):
+            raise EvalInputError(f"template file {path}: line {number} {line!r} has no {{}} or {{c}} "
                                  f"for the class name")
         templates.append(line)
     if not templates:
@@ -155,28 +164,82 @@ def load_templates(path: str | Path) -> list[str]:
     return templates
 
 
-def classnames_from_shards(patterns: Sequence[str]) -> list[str]:
-    """The "classes" list of the `dataset.json` that `prepare` wrote beside the shards.
+class Prompts(NamedTuple):
+    classnames: list[str]
+    templates: list[str]
+    classnames_from: str  # where they came from: a file, a built-in set's name, or the shards' file
+    templates_from: str
+
+
+def zeroshot_prompts(classnames: str | None, templates: str | None, shards: Sequence[str]) -> Prompts:
+    """Class names and templates of `eval zeroshot` / the eval section: each a file, a built-in set
+    (templates.CLASSNAME_SETS / TEMPLATE_SETS) or None = what the shards' folder holds (dataset.json
+    "classes" or CLIP_benchmark's classnames.txt; CLIP_benchmark's templates file, else "default")."""
+    if classnames is None:
+        names, names_from = classnames_from_shards(shards)
+    else:
+        names, names_from = _file_or_set(classnames, "--classnames", CLASSNAME_SETS, load_classnames,
+                                         builtin_classnames), classnames
+        _check_count(names, classnames, shards)
+    if templates is None:
+        found = [root / BENCHMARK_TEMPLATES for root in _roots(shards) if (root / BENCHMARK_TEMPLATES).is_file()]
+        prompts, prompts_from = (load_templates(found[0]), str(found[0])) if found else (list(DEFAULT_TEMPLATES), "default")
+    else:
+        prompts, prompts_from = _file_or_set(templates, "--templates", TEMPLATE_SETS, load_templates,
+                                             builtin_templates), templates
+    return Prompts(names, prompts, names_from, prompts_from)
+
+
+def _check_count(names: list[str], given: str, shards: Sequence[str]) -> None:
+    """Labels are indices: names given for shards whose own class list is longer or shorter would
+    score every image against the wrong class."""
+    try:
+        own, where = classnames_from_shards(shards)
+    except EvalInputError:  # the shards list no classes: the labels' range is checked when scoring
+        return
+    if len(own) != len(names):
+        raise EvalInputError(f"zeroshot: the shards were prepared with {len(own)} classes ({where}) but "
+                             f"--classnames {given} has {len(names)}; labels would not line up: leave "
+                             "--classnames out or give names in the shards' label order")
+
+
+def _file_or_set(value: str, flag: str, sets: tuple[str, ...], load_file, load_set) -> list[str]:
+    """An existing file wins over a built-in set of the same name."""
+    if Path(value).is_file():
+        return load_file(value)
+    if value in sets:
+        return load_set(value)
+    raise EvalInputError(f"{flag} {value}: no such file, and not a built-in set ({', '.join(sets)}); "
+                         "give a file with one entry per line or a built-in name")
+
+
+def _roots(patterns: Sequence[str]) -> list[Path]:
+    return [root for root in map(dataset_root, patterns) if root is not None]
+
+
+def classnames_from_shards(patterns: Sequence[str]) -> tuple[list[str], str]:
+    """(class names, the file they came from) beside the shards: the "classes" list of the
+    `dataset.json` that `prepare` wrote, or CLIP_benchmark's classnames.txt.
 
     Looked for in each pattern's dataset folder (shards.layout: shards live in NAME/train, NAME/val
     with dataset.json in NAME/); every pattern must agree.
     """
     found: dict[str, list[str]] = {}
-    for pattern in patterns:
-        root = dataset_root(pattern)
-        if root is None:
-            continue
+    for root in _roots(patterns):
         try:
             classes = json.loads((root / DATASET).read_text(encoding="utf-8")).get("classes")
         except (OSError, ValueError, AttributeError):
-            continue
+            classes = None
         if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
             found[str(root / DATASET)] = classes
+        elif (root / BENCHMARK_CLASSNAMES).is_file():
+            found[str(root / BENCHMARK_CLASSNAMES)] = load_classnames(root / BENCHMARK_CLASSNAMES)
     if not found:
         raise EvalInputError(f"zeroshot: no class names for {', '.join(patterns)}: no dataset.json with "
-                             "\"classes\" beside the shards; pass --classnames FILE (one name per line, label 0 first)")
+                             "\"classes\" (or classnames.txt) beside the shards; pass --classnames FILE (one name "
+                             "per line, label 0 first) or a built-in set (imagenet1k)")
     lists = list(found.values())
     if any(c != lists[0] for c in lists[1:]):
-        raise EvalInputError(f"zeroshot: the shards' dataset.json files list different classes ({', '.join(found)}); "
+        raise EvalInputError(f"zeroshot: the shards' class-name files differ ({', '.join(found)}); "
                              "evaluate one dataset at a time or pass --classnames FILE")
-    return lists[0]
+    return lists[0], next(iter(found))

@@ -67,14 +67,19 @@ def sample_metadata(sample: dict) -> dict:
 
 
 def all_captions(meta: dict, caption: str) -> list[str]:
-    """Every caption of the image: the `.json`'s "captions" list when it holds strings (COCO/Flickr
-    style evaluation sets), else the one `.txt` caption."""
+    """Every caption of the image, for retrieval evaluation: the `.json`'s "captions" list when it
+    holds strings (COCO/Flickr style sets), else each non-blank line of the `.txt` caption.
+
+    Lines are split as CLIP_benchmark splits them (`str.splitlines`): its webdataset retrieval sets
+    keep an image's captions as the lines of one `.txt`. Training reads the whole `.txt` as one
+    caption; `prepare` never writes a newline into one (white space is collapsed)."""
     listed = meta.get("captions")
     if isinstance(listed, list):
         captions = [c.strip() for c in listed if isinstance(c, str) and c.strip()]
         if captions:
             return captions
-    return [caption]
+    lines = [line.strip() for line in caption.splitlines() if line.strip()]
+    return lines or [caption]
 
 
 def image_hash(sample: dict, ext: str, meta: dict) -> str:

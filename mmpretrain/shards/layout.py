@@ -4,19 +4,30 @@
     NAME/stats.json  NAME/failures.jsonl  NAME/dataset.json           (beside the splits)
 
 img2dataset's flat folder (00000.tar + 00000_stats.json, no splits) reads as one split, "all".
+CLIP_benchmark's webdataset sets (`clip_benchmark_export_wds`) are read too:
+
+    DIR/test/nshards.txt  DIR/test/0.tar 1.tar ...                    (a split: n shards, numbered)
+    DIR/classnames.txt  DIR/zeroshot_classification_templates.txt  DIR/dataset_type.txt
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from mmpretrain.errors import UserError
+
 SPLITS = ("train", "val")
 SIZES = "sizes.json"  # shard file name -> samples (open_clip's convention), in each split folder
 STATS = "stats.json"  # counts by outcome, reasons, time, settings
 FAILURES = "failures.jsonl"  # one line per input that did not make it: source, reason
 DATASET = "dataset.json"  # what was run, with what settings, which shards (and the class names)
-ROOT_FILES = (STATS, FAILURES, DATASET)
 ANONYMOUS_SPLIT = "all"
+NSHARDS = "nshards.txt"  # CLIP_benchmark: the split's shard count; shards are 0.tar .. {n-1}.tar
+BENCHMARK_SPLIT = "test"  # the split CLIP_benchmark evaluates by default
+BENCHMARK_CLASSNAMES = "classnames.txt"  # one class name per line, label 0 first
+BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"  # one template per line, with {c}
+BENCHMARK_FILES = (BENCHMARK_CLASSNAMES, BENCHMARK_TEMPLATES, "dataset_type.txt")
+ROOT_FILES = (STATS, FAILURES, DATASET, *BENCHMARK_FILES)
 
 
 def shard_name(name: str, number: int) -> str:
@@ -50,3 +61,22 @@ def find_root(folder: Path) -> Path | None:
         if any((d / n).is_file() for n in ROOT_FILES):
             return d
     return None
+
+
+def benchmark_split(folder: Path) -> Path | None:
+    """The CLIP_benchmark split folder a path names: the folder itself when it holds nshards.txt,
+    else its `test` split; None when it is not a CLIP_benchmark folder."""
+    for d in (folder, folder / BENCHMARK_SPLIT):
+        if (d / NSHARDS).is_file():
+            return d
+    return None
+
+
+def benchmark_shards(split: Path) -> list[Path]:
+    """0.tar .. {n-1}.tar of a CLIP_benchmark split folder, n from its nshards.txt."""
+    path = split / NSHARDS
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{path} holds {text[:40]!r}; CLIP_benchmark's nshards.txt must hold the number of "
+                        "shards (0.tar .. N-1.tar), a positive integer")
+    return [split / f"{i}.tar" for i in range(int(text))]

@@ -19,7 +19,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from mmpretrain.errors import UserError
-from mmpretrain.shards.layout import SIZES, find_root, img2dataset_stats
+from mmpretrain.shards.layout import SIZES, benchmark_shards, benchmark_split, find_root, img2dataset_stats
 from mmpretrain.shards.reader import count_samples, is_remote
 
 
@@ -40,10 +40,14 @@ class Shard:
 
 
 def expand(pattern: str, recursive: bool = False) -> list[str]:
-    """Brace notation, globs and directories (every .tar in it, or below it, sorted) for local paths."""
+    """Brace notation, globs and directories (every .tar in it, or below it, sorted; a CLIP_benchmark
+    folder: the shards its nshards.txt names, unless `recursive`) for local paths."""
     if is_remote(pattern):
         return list(braceexpand(pattern))
     if os.path.isdir(pattern):
+        split = None if recursive else benchmark_split(Path(pattern))
+        if split is not None:
+            return [str(p) for p in benchmark_shards(split)]
         return sorted(str(p) for p in (Path(pattern).rglob if recursive else Path(pattern).glob)("*.tar"))
     urls: list[str] = []
     for part in braceexpand(pattern):
@@ -56,7 +60,8 @@ def dataset_root(pattern: str) -> Path | None:
     if is_remote(pattern):
         return None
     if os.path.isdir(pattern):
-        return find_root(Path(pattern))
+        split = benchmark_split(Path(pattern))
+        return find_root(split if split is not None else Path(pattern))
     urls = expand(pattern)
     return find_root(Path(urls[0]).parent) if urls else None
 
