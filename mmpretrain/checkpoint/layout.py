@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 from mmpretrain.errors import UserError
-from mmpretrain.models.export import OPEN_CLIP_CONFIG
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_META = "checkpoint.json"
@@ -51,6 +50,9 @@ def checkpoint_name(step: int) -> str:
 
 def classify(path: str | Path) -> str:
     """"run" | "checkpoint" | "export" | "weights", or a UserError saying what the path is not."""
+    # imported here: mmpretrain.models imports torch, and the run log (so `plot --help`) needs this module
+    from mmpretrain.models.export import OPEN_CLIP_CONFIG
+
     p = Path(path)
     if p.is_dir():
         if (p / CHECKPOINT_META).is_file():

@@ -7,6 +7,7 @@ torch, so `--help` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
@@ -34,9 +35,36 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help (argparse's), except where there is nothing to show: no
+    default (None), a flag (False), or a help text that already says it; descriptions and epilogs
+    keep their line breaks (tables, key lists)."""
+
+    @staticmethod
+    def _has_default(action: argparse.Action) -> bool:
+        return action.default not in (None, False, argparse.SUPPRESS) and bool(action.option_strings)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return super()._get_help_string(action) if self._has_default(action) else action.help
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._has_default(action):  # argparse prints no help line at all otherwise
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every verb's parser (and its sub-parsers, e.g. `eval TASK`) formats help with HelpFormatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmpretrain", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="mmpretrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for verb in VERBS:
         importlib.import_module(f"mmpretrain.cli.{verb}").add_parser(sub)
     return parser

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from mmpretrain.config.docs import format_key_docs
+
     p = sub.add_parser("train", help="train from a config (one process; the same code runs under "
-                                     "`accelerate launch -m mmpretrain.train`)")
+                                     "`accelerate launch -m mmpretrain.train`)",
+                       epilog="config keys (set in the YAML or as section.key=value overrides):\n\n"
+                              + format_key_docs())
     p.add_argument("--config", required=True, help="configs/train/NAME.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, values in YAML (train.steps=100 data.train_shards=[a,b])")
