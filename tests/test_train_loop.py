@@ -326,3 +326,25 @@ def test_unknown_tracker_is_a_config_error(tmp_path):
 
     with pytest.raises(UserError, match="not installed"):
         check_trackers(["surely_not_a_tracker_package"])
+
+
+def test_the_user_recipe_trains_with_only_train_shards_and_says_what_is_off(shards, tmp_path, capsys):
+    """configs/train/my-data.yaml with data.train_shards plus only what shrinks it for a CPU test."""
+    from mmpretrain.cli import main
+
+    images, _ = shards
+    recipe = str(ROOT / "configs" / "train" / "my-data.yaml")
+    assert main(["train", "--config", recipe]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.train_shards is empty" in err
+    shrink = ["model.name=tiny", "data.context_length=32", "data.batch_size=4", "data.text_batch_size=4",
+              "data.num_workers=0", "train.steps=2", "train.precision=fp32", "schedule.warmup_steps=1",
+              "logging.trackers=[]", "logging.progress=false", f"train.output_dir={tmp_path / 'run'}"]
+    assert main(["train", "--config", recipe, f"data.train_shards={images}", *shrink]) == 0
+    err = capsys.readouterr().err
+    off = [line for line in err.splitlines() if line.startswith("mmpretrain train: off: ")]
+    assert [line.split(": off: ")[1].split(" (")[0] for line in off] == ["text corpus", "periodic eval"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 2
+    assert all(r["kind"] != "eval" for r in rows)
+    assert rows[-1]["mlm_tokens"] > 0 and rows[-1]["ar_tokens"] > 0  # the heads learn from the captions

@@ -17,10 +17,12 @@ def add_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from mmpretrain.config import load_config
-    from mmpretrain.train.trainer import Trainer
+    from mmpretrain.config import load_config, require_training_data
 
     cfg = load_config(args.config, args.overrides)
+    require_training_data(cfg)  # before the model is built: a missing key costs a second, not a ViT-B
+    from mmpretrain.train.trainer import Trainer
+
     trainer = Trainer(cfg)
     metrics = trainer.fit()
     if trainer.accelerator.is_main_process:

@@ -7,6 +7,7 @@ from mmpretrain.config.load import (
     load_config,
     require_training_data,
     save_config,
+    sections_off,
     validate_config,
 )
 from mmpretrain.config.schema import (
@@ -33,4 +34,4 @@ from mmpretrain.config.schema import (
 __all__ = ["COMMAND_LINE", "Config", "Contrastive", "DataConfig", "DataMode", "EvalConfig", "LoggingConfig",
            "LossConfig", "MaskStrategy", "MaskingConfig", "ModelConfig", "OptimConfig", "PairObjective",
            "Positives", "Precision", "ScheduleConfig", "ScheduleName", "TrainConfig", "choices", "config_to_dict",
-           "load_config", "require_training_data", "save_config", "validate_config"]
+           "load_config", "require_training_data", "save_config", "sections_off", "validate_config"]

@@ -91,6 +91,23 @@ def require_training_data(cfg: Config) -> None:
                         "the command line, e.g. data.train_shards='[\"shards/NAME/train\"]'")
 
 
+def sections_off(cfg: Config) -> list[str]:
+    """What this config leaves off, each with how to turn it on (printed once when training starts)."""
+    off, e = [], cfg.eval
+    if not (cfg.model.mlm or cfg.model.ar):
+        off.append("text branch (model.mlm=false, model.ar=false): set model.mlm=true / model.ar=true")
+    elif not cfg.data.text_shards:
+        off.append("text corpus (data.text_shards is empty, so the MLM/AR heads learn from the training captions): "
+                   "set data.text_shards='[\"shards/CORPUS/train\"]' (mmpretrain prepare FILES --text-only)")
+    tasks = {"retrieval": e.retrieval_shards, "zeroshot": e.zeroshot_shards, "text": e.text_shards}
+    if not e.every or not any(tasks.values()):
+        off.append("periodic eval (eval.every=0 or no eval shards): set eval.every=N and eval.retrieval_shards="
+                   "'[\"shards/NAME/val\"]' (also eval.zeroshot_shards, eval.text_shards)")
+    else:
+        off += [f"{task} eval (eval.{task}_shards is empty)" for task, shards in tasks.items() if not shards]
+    return off
+
+
 def _at_least(low):
     return (lambda v: v is None or v >= low), f"must be >= {low}"
 

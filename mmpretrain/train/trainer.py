@@ -12,6 +12,7 @@ process at the same step.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from mmpretrain import runtime
 from mmpretrain.checkpoint.meta import checkpoint_meta
 from mmpretrain.checkpoint.state import find_resume, load_checkpoint, save_checkpoint
-from mmpretrain.config import Config, config_to_dict, require_training_data, save_config
+from mmpretrain.config import Config, config_to_dict, require_training_data, save_config, sections_off
 from mmpretrain.data.loader import Loader, TextBranch, build_train_loaders
 from mmpretrain.data.records import ImageTextBatch, TextBatch
 from mmpretrain.errors import UserError
@@ -152,6 +153,8 @@ class Trainer:
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
+            for what in sections_off(cfg):
+                print(f"mmpretrain train: off: {what}", file=sys.stderr)
         acc.wait_for_everyone()
         log = RunLog(acc, run_dir, cfg.logging.project, config_to_dict(cfg), cfg.logging.trackers)
         try:
