@@ -91,14 +91,30 @@ def test_img2dataset_layout(tmp_path):
     for shard in range(2):
         samples = [sample(f"{shard:05d}{i:04d}", 30 + i, 20, f"photo {i}", json=b'{"url": "x"}') for i in range(4)]
         write_tar(out / f"{shard:05d}.tar", samples)
-        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": 4, "count": 5}))
+        # img2dataset's own counts: what failed, by its error message
+        status = {"success": 4, "<urlopen error [Errno 111] Connection refused>": 1 + shard}
+        if shard == 1:
+            status["image file is truncated"] = 2
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps(
+            {"successes": 4, "count": 5 + shard + 2 * shard, "status_dict": status}))
     (out / "00000.parquet").write_bytes(b"PAR1 not really parquet PAR1")
     report = inspect_shards(str(out))
     assert report.problems == []
     assert list(report.splits) == ["all"]
     assert (report.splits["all"].shards, report.splits["all"].samples) == (2, 8)
     assert report.image_width == {"min": 30, "median": 31.5, "max": 33}
-    assert report.sizes_agree is None and report.failure_reasons == {}
+    assert report.sizes_agree is None
+    assert report.failure_reasons == {"<urlopen error [Errno 111] Connection refused>": 3, "image file is truncated": 2}
+    assert report.failures_from == "2 img2dataset *_stats.json files"
+    text = report.to_text()
+    assert "failures: 5 (<urlopen error [Errno 111] Connection refused>: 3, image file is truncated: 2) " \
+           "[from 2 img2dataset *_stats.json files]" in text
+    assert json.loads(json.dumps(report.to_dict()))["failure_reasons"]["image file is truncated"] == 2
+    # only the inspected shards' files count
+    assert inspect_shards(str(out / "00000.tar")).failure_reasons == {
+        "<urlopen error [Errno 111] Connection refused>": 1}
+    (out / "00001_stats.json").write_text(json.dumps({"successes": 4, "count": 4}))  # an older img2dataset
+    assert sum(inspect_shards(str(out)).failure_reasons.values()) == 1
 
 
 def test_brace_pattern_glob_and_single_tar(tmp_path):

@@ -30,7 +30,16 @@ from mmpretrain.shards.format import (
     image_ext,
     member_bytes,
 )
-from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, STATS, find_root, split_name, split_shards
+from mmpretrain.shards.layout import (
+    DATASET,
+    FAILURES,
+    SIZES,
+    STATS,
+    find_root,
+    img2dataset_stats,
+    split_name,
+    split_shards,
+)
 from mmpretrain.shards.reader import ShardError, iter_tar_samples
 from mmpretrain.shards.resolve import expand
 
@@ -60,6 +69,7 @@ class InspectReport:
     caption_words: dict | None = None
     labels: dict | None = None  # {"samples": with a .cls, "distinct": label values}
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    failures_from: str | None = None  # the file(s) the failures were read from
     sizes_agree: bool | None = None  # None when no sizes.json was found
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS
     problem_count: int = 0
@@ -87,7 +97,8 @@ class InspectReport:
             lines.append(f"labels: {self.labels['samples']} samples, {self.labels['distinct']} distinct")
         total = sum(self.failure_reasons.values())
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1]))
-        lines.append(f"failures: {total}" + (f" ({reasons})" if reasons else ""))
+        source = f" [from {self.failures_from}]" if self.failures_from else ""
+        lines.append(f"failures: {total}" + (f" ({reasons})" if reasons else "") + source)
         agree = {None: "absent", True: "agrees with the shards", False: "DISAGREES with the shards"}
         lines += [f"sizes.json: {agree[self.sizes_agree]}", f"problems: {self.problem_count}"]
         lines += [f"  {p}" for p in self.problems]
@@ -193,21 +204,27 @@ def _read_json(path: Path, scan: _Scan) -> dict | None:
         scan.problem(f"{path}: not readable JSON ({e})")
 
 
-def _failure_reasons(root: Path | None, scan: _Scan) -> dict[str, int]:
-    if root is None:
-        return {}
-    stats = _read_json(root / STATS, scan)
+def _failure_reasons(root: Path | None, shards: list[Path], scan: _Scan) -> tuple[dict[str, int], str | None]:
+    """(reasons -> count, where they were read): prepare's stats.json or failures.jsonl, else the
+    `status_dict`s of img2dataset's per-shard NNNNN_stats.json files."""
+    stats = _read_json(root / STATS, scan) if root else None
     if isinstance(stats, dict) and isinstance(stats.get("reasons"), dict):
-        return {str(k): int(v) for k, v in stats["reasons"].items()}
+        return {str(k): int(v) for k, v in stats["reasons"].items()}, str(root / STATS)
     reasons: Counter = Counter()
-    path = root / FAILURES
-    if path.is_file():
+    path = root / FAILURES if root else None
+    if path is not None and path.is_file():
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 reasons[str(json.loads(line).get("reason", "unknown"))] += 1
             except (ValueError, AttributeError):
                 scan.problem(f"{path}: line {i} is not a JSON object")
-    return dict(reasons)
+        return dict(reasons), str(path)
+    found = [f for f in map(img2dataset_stats, shards) if f.is_file()]
+    for f in found:
+        status = (_read_json(f, scan) or {}).get("status_dict")
+        if isinstance(status, dict):  # {"success": n, "<error message>": m, ...}
+            reasons.update({str(k): int(v) for k, v in status.items() if k != "success" and isinstance(v, int)})
+    return dict(reasons), (f"{len(found)} img2dataset *_stats.json files" if found else None)
 
 
 def _check_sizes(counts: dict[Path, int], whole_dirs: bool, scan: _Scan) -> bool | None:
@@ -317,7 +334,7 @@ def inspect_shards(target: str, grid: Path | None = None, grid_samples: int = 32
     report.caption_chars, report.caption_words = _summary(scan.chars), _summary(scan.words)
     if scan.labels:
         report.labels = {"samples": sum(scan.labels.values()), "distinct": len(scan.labels)}
-    report.failure_reasons = _failure_reasons(root, scan)
+    report.failure_reasons, report.failures_from = _failure_reasons(root, list(counts), scan)
     report.sizes_agree = _check_sizes(counts, whole, scan)
     if grid is not None:
         if report.text_only:
