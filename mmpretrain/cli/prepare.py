@@ -22,7 +22,10 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("manifest columns")
     g.add_argument("--image-column", help="image path or URL column (default: image|url|path|filepath|file)")
     g.add_argument("--caption-column", help="caption column (default: caption|text|title)")
-    g.add_argument("--label-column", help="integer label column (default: 'label' when present)")
+    g.add_argument("--label-column", help="label column of integers or class names (names are numbered in sorted "
+                                          "order, or as --classnames lists them; default: 'label' when present)")
+    g.add_argument("--classnames", metavar="FILE", help="class names, one per line, label 0 first: the numbering "
+                                                         "of a label column of names (and of class folders)")
     g.add_argument("--caption-template", default="a photo of a {}.",
                    help="caption for class-folder sources; {} is the class name (default: %(default)r)")
     g = p.add_argument_group("images")
@@ -72,12 +75,14 @@ def _run_prepare(args) -> int:
     from mmpretrain.prepare.pipeline import PrepareOptions, run_prepare
     from mmpretrain.prepare.sources import ColumnOptions
     from mmpretrain.prepare.text import TextOptions
+    from mmpretrain.shards.layout import read_classnames
 
     if "{}" not in args.caption_template:
         raise UserError(f"--caption-template {args.caption_template!r} has no {{}} for the class name")
     opts = PrepareOptions(
         out=args.out, name=args.name, format=args.format, text_only=args.text_only,
-        columns=ColumnOptions(args.image_column, args.caption_column, args.label_column, args.caption_template),
+        columns=ColumnOptions(args.image_column, args.caption_column, args.label_column, args.caption_template,
+                              tuple(read_classnames(args.classnames)) if args.classnames else ()),
         image=ImageOptions(
             image_size=args.image_size, resize_mode=args.resize_mode,
             resize_only_if_bigger=args.resize_only_if_bigger, min_size=args.min_size,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpretrain.errors import UserError
 from mmpretrain.eval.retrieval import (
     EvalInputError,
     check_embeddings,
@@ -32,7 +33,13 @@ from mmpretrain.eval.templates import (
     fill,
     has_slot,
 )
-from mmpretrain.shards.layout import BENCHMARK_CLASSNAMES, BENCHMARK_TEMPLATES, DATASET
+from mmpretrain.shards.layout import (
+    BENCHMARK_CLASSNAMES,
+    BENCHMARK_TEMPLATES,
+    DATASET,
+    read_classnames,
+    read_lines,
+)
 from mmpretrain.shards.resolve import dataset_root
 
 EncodeText = Callable[[list[str]], Tensor]  # texts -> (len(texts), d) embeddings
@@ -115,37 +122,19 @@ def _top_confusions(labels: Tensor, predicted: Tensor, num_classes: int, limit: 
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _read_lines(path: str | Path, what: str) -> list[str]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvalInputError(f"{what} file {path} not found") from None
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"{what} file {path} is not UTF-8 text (byte {e.start}); "
-                             f"save it as UTF-8") from None
-    except OSError as e:
-        raise EvalInputError(f"{what} file {path} cannot be read: {e.strerror}") from None
-    return [line.strip() for line in text.splitlines()]
-
-
 def load_classnames(path: str | Path) -> list[str]:
-    """Class names, one per line in label order (line 1 = label 0); trailing blank lines ignored."""
-    lines = _read_lines(path, "class-name")
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
-        raise EvalInputError(f"class-name file {path} is empty; write one class name per line, label 0 first")
-    seen: dict[str, int] = {}
-    for number, name in enumerate(lines, 1):
-        if not name:
-            raise EvalInputError(f"class-name file {path}: line {number} is blank; labels are line numbers, "
-                                 f"so every line up to the last must name a class")
-        if name in seen:
-            raise EvalInputError(f"class-name file {path}: {name!r} on line {number} repeats line "
-                                 f"{seen[name]}; class names must be unique")
-        seen[name] = number
-    return lines
+    """layout.read_classnames, its errors as EvalInputError (a ValueError for library callers)."""
+    try:
+        return read_classnames(path)
+    except UserError as e:
+        raise EvalInputError(str(e)) from None
+
+
+def _read_lines(path: str | Path, what: str) -> list[str]:
+    try:
+        return read_lines(path, what)
+    except UserError as e:
+        raise EvalInputError(str(e)) from None
 
 
 def load_templates(path: str | Path) -> list[str]:

@@ -27,14 +27,17 @@ from mmpretrain.errors import SampleError, UserError
 from mmpretrain.fileio import writing
 from mmpretrain.prepare.fetch import FetchOptions, fetch, ordered_map
 from mmpretrain.prepare.images import ImageOptions
+from mmpretrain.prepare.labels import LabelMap
 from mmpretrain.prepare.samples import Result, process_image_input, process_text_input, sample_key
 from mmpretrain.prepare.sources import (
+    MANIFESTS,
     ColumnOptions,
     Input,
     ReadOptions,
     class_names,
     detect_kind,
     iter_inputs,
+    manifest_label_names,
 )
 from mmpretrain.prepare.text import TextOptions, iter_text_inputs
 from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, SPLITS, STATS
@@ -120,13 +123,31 @@ def _plan(sources: list[str], opts: PrepareOptions, out: Path) -> dict:
         resolved.append(path if path.exists() else source)
         if path.exists() and path.is_dir() and (out == path or path in out.parents):
             raise UserError(f"output {opts.out} lies inside source {source}; choose an output folder outside it")
-    classes = sorted({c for s, k in zip(sources, kinds) if k == "classes" for c in class_names(s)})
-    plan = {"sources": sources, "kinds": kinds, "resolved": resolved, "classes": classes}
+    classes, named = _classes(sources, kinds, opts)
+    plan = {"sources": sources, "kinds": kinds, "resolved": resolved, "classes": classes, "named": named}
     for source, kind, stream in zip(sources, kinds, _streams(plan, opts)):
         # Reading the first input checks columns and patterns before anything is written.
         if next(stream, None) is None:
             raise UserError(f"source {source} holds no inputs (read as {kind}); check the path or --format")
     return plan
+
+
+def _classes(sources: list[str], kinds: list[str], opts: PrepareOptions) -> tuple[list[str], list[bool]]:
+    """(the dataset's class names, whether each source's labels are names): class folders' names and
+    manifest label columns of names (prepare.labels), sorted together, or --classnames in its order."""
+    folders = {c for s, k in zip(sources, kinds) if k == "classes" for c in class_names(s)}
+    named = []
+    for source, kind in zip(sources, kinds):
+        names = manifest_label_names(Path(source), kind, opts.columns) if kind in MANIFESTS else None
+        named.append(names is not None)
+        folders.update(names or ())
+    given = list(opts.columns.classnames)
+    if not given:
+        return sorted(folders), named
+    missing = sorted(folders - set(given))
+    if missing and any(k == "classes" for k in kinds):
+        raise UserError(f"class folder {missing[0]!r} is not in the --classnames file; add it or drop --classnames")
+    return given, named
 
 
 def _check_kind(source: str, kind: str) -> None:
@@ -146,7 +167,11 @@ def _streams(plan: dict, opts: PrepareOptions) -> list[Iterator[Input]]:
     if opts.text_only:
         return [iter_text_inputs(s, opts.text) for s in plan["sources"]]
     read = ReadOptions(follow_symlinks=opts.follow_symlinks, max_member_bytes=opts.fetch.max_bytes)
-    return [iter_inputs(s, k, opts.columns, plan["classes"], read) for s, k in zip(plan["sources"], plan["kinds"])]
+    classes, given = plan["classes"], opts.columns.classnames
+    by_name = LabelMap(index={name: i for i, name in enumerate(classes)})
+    by_number = LabelMap(count=len(given) if given else None)
+    return [iter_inputs(s, k, opts.columns, classes, read, by_name if named else by_number)
+            for s, k, named in zip(plan["sources"], plan["kinds"], plan["named"])]
 
 
 def _already_complete(out: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -261,7 +286,7 @@ class _Run:
         return _pool_map(work, inputs, self.opts.workers, self._download)
 
     def _download(self, inputs: Iterable[Input]) -> Iterator[Input]:
-        if not any(k in ("csv", "tsv", "jsonl", "parquet") for k in self.plan["kinds"]):
+        if not any(k in MANIFESTS for k in self.plan["kinds"]):
             return iter(inputs)
         window = self.opts.in_flight or 32 * self.opts.threads
         return ordered_map(partial(_fetch_input, options=self.opts.fetch), inputs, self.opts.threads, window)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpretrain.errors import UserError
+from mmpretrain.prepare.labels import LabelMap, column_names
 from mmpretrain.shards.format import (
     CAPTION_EXT,
     IMAGE_EXTS,
@@ -36,6 +37,7 @@ from mmpretrain.shards.resolve import expand
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 KINDS = ("folder", "classes", "csv", "tsv", "jsonl", "parquet", "wds", "text")
+MANIFESTS = ("csv", "tsv", "jsonl", "parquet")  # the kinds read by iter_manifest
 IMAGE_COLUMNS = ("image", "url", "path", "filepath", "file", "image_path")
 CAPTION_COLUMNS = ("caption", "text", "title")
 
@@ -67,6 +69,7 @@ class ColumnOptions:
     caption: str | None = None
     label: str | None = None
     caption_template: str = "a photo of a {}."
+    classnames: tuple[str, ...] = ()  # --classnames FILE's names, label 0 first; () = none given
 
 
 @dataclass(frozen=True)
@@ -131,13 +134,13 @@ def class_names(root: str) -> list[str]:
 
 
 def iter_inputs(source: str, kind: str, columns: ColumnOptions, classes: list[str],
-                read: ReadOptions = ReadOptions()) -> Iterator[Input]:
+                read: ReadOptions = ReadOptions(), labels: LabelMap = LabelMap()) -> Iterator[Input]:
     if kind == "folder":
         return iter_folder(Path(source), read)
     if kind == "classes":
         return iter_class_folders(Path(source), classes, columns.caption_template, read)
-    if kind in ("csv", "tsv", "jsonl", "parquet"):
-        return iter_manifest(Path(source), kind, columns)
+    if kind in MANIFESTS:
+        return iter_manifest(Path(source), kind, columns, labels)
     if kind == "wds":
         return iter_tars(source, read)
     raise UserError(f"source {source}: kind '{kind}' is not an image-text source; use --text-only for text")
@@ -230,24 +233,46 @@ def _within(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def iter_manifest(path: Path, kind: str, columns: ColumnOptions) -> Iterator[Input]:
+def iter_manifest(path: Path, kind: str, columns: ColumnOptions, labels: LabelMap = LabelMap()) -> Iterator[Input]:
     rows, names = _manifest_rows(path, kind)
     image_col = _pick_column(path, names, columns.image, IMAGE_COLUMNS, "--image-column")
     caption_col = _pick_column(path, names, columns.caption, CAPTION_COLUMNS, "--caption-column")
-    label_col = columns.label or ("label" if "label" in names else None)
-    if columns.label and columns.label not in names:
-        raise UserError(f"manifest {path} has no column '{columns.label}' (--label-column); columns: {names}")
+    label_col = _label_column(path, names, columns)
     base = path.parent
     for number, row in enumerate(rows, start=1):
         where = f"{path}:{number}"
         if isinstance(row, tuple):  # an unreadable row: (reason, detail)
             yield Input(source=where, error=row)
             continue
-        yield _row_input(row, where, base, image_col, caption_col, label_col)
+        yield _row_input(row, where, base, image_col, caption_col, label_col, labels)
+
+
+def _label_column(path: Path, names: list[str], columns: ColumnOptions) -> str | None:
+    if columns.label and columns.label not in names:
+        raise UserError(f"manifest {path} has no column '{columns.label}' (--label-column); columns: {names}")
+    return columns.label or ("label" if "label" in names else None)
+
+
+def manifest_label_names(path: Path, kind: str, columns: ColumnOptions) -> list[str] | None:
+    """The sorted class names in a manifest's label column (labels.column_names): one pass over that
+    column only (parquet reads just it); None when it holds integers or there is no label column."""
+    if kind == "parquet":
+
+        pf = _parquet_file(path)
+        column = _label_column(path, list(pf.schema_arrow.names), columns)
+        if column is None:
+            return None
+        values = (v for batch in pf.iter_batches(batch_size=65536, columns=[column])
+                  for v in batch.column(0).to_pylist())
+        return column_names(values)
+    rows, names = _manifest_rows(path, kind)
+    column = _label_column(path, names, columns)
+    return None if column is None else column_names(r.get(column) for r in rows if isinstance(r, dict))
 
 
 def _row_input(
-    row: dict, where: str, base: Path, image_col: str, caption_col: str, label_col: str | None
+    row: dict, where: str, base: Path, image_col: str, caption_col: str, label_col: str | None,
+    labels: LabelMap = LabelMap(),
 ) -> Input:
     value = row.get(image_col)
     extra = {k: _json_safe(v) for k, v in row.items() if k not in (image_col, caption_col, label_col)}
@@ -261,21 +286,10 @@ def _row_input(
         None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
     )
     inp = Input(source=image, image=image, caption=caption, extra=extra)
-    if label_col is not None and row.get(label_col) not in (None, ""):
-        try:
-            inp.label = _integer(row[label_col])
-        except ValueError:
-            inp.error = ("invalid_label", f"{where}: label {row[label_col]!r} is not an integer")
+    if label_col is not None:
+        inp.label, error = labels.label(row.get(label_col), where)
+        inp.error = inp.error or error
     return inp
-
-
-def _integer(value) -> int:
-    """3, "3" and 3.0 (parquet integer columns with nulls arrive as floats) are label 3."""
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(value)
-        return int(value)
-    return int(str(value).strip())
 
 
 def _manifest_rows(path: Path, kind: str) -> tuple[Iterator, list[str]]:
@@ -291,18 +305,22 @@ def _manifest_rows(path: Path, kind: str) -> tuple[Iterator, list[str]]:
         return rows(), names
     if kind == "jsonl":
         return _jsonl_rows(path)
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise UserError(f"manifest {path} is not a readable parquet file ({e})") from None
+    pf = _parquet_file(path)
 
     def parquet_rows():
         for batch in pf.iter_batches(batch_size=4096):
             yield from batch.to_pylist()
 
     return parquet_rows(), list(pf.schema_arrow.names)
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"manifest {path} is not a readable parquet file ({e})") from None
 
 
 def _jsonl_rows(path: Path) -> tuple[Iterator, list[str]]:

@@ -80,3 +80,38 @@ def benchmark_shards(split: Path) -> list[Path]:
         raise UserError(f"{path} holds {text[:40]!r}; CLIP_benchmark's nshards.txt must hold the number of "
                         "shards (0.tar .. N-1.tar), a positive integer")
     return [split / f"{i}.tar" for i in range(int(text))]
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The stripped lines of a UTF-8 text file the user names; one-line errors."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {e.start}); "
+                             f"save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{what} file {path} cannot be read: {e.strerror}") from None
+    return [line.strip() for line in text.splitlines()]
+
+
+def read_classnames(path: str | Path) -> list[str]:
+    """A class-name file (ours, CLIP_benchmark's classnames.txt, prepare --classnames): one name per
+    line in label order (line 1 = label 0); trailing blank lines ignored."""
+    lines = read_lines(path, "class-name")
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise UserError(f"class-name file {path} is empty; write one class name per line, label 0 first")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(lines, 1):
+        if not name:
+            raise UserError(f"class-name file {path}: line {number} is blank; labels are line numbers, "
+                                 f"so every line up to the last must name a class")
+        if name in seen:
+            raise UserError(f"class-name file {path}: {name!r} on line {number} repeats line "
+                                 f"{seen[name]}; class names must be unique")
+        seen[name] = number
+    return lines
