@@ -27,8 +27,8 @@ from mmpretrain.errors import UserError
 from mmpretrain.fileio import read_json
 from mmpretrain.models.export import HEADS_META, HEADS_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from mmpretrain.models.heads import Heads
-from mmpretrain.models.model_config import image_size, validate_model_config
-from mmpretrain.models.weights import mismatch, shapes_of, strip_prefixes
+from mmpretrain.models.model_config import image_size, is_stock, model_config_from, validate_model_config
+from mmpretrain.models.weights import load_open_clip_weights, mismatch, shapes_of, strip_prefixes
 
 
 @dataclass
@@ -80,10 +80,13 @@ def _load_export(folder: Path) -> LoadedModel:
     config = read_json(folder / OPEN_CLIP_CONFIG)
     if not isinstance(config, dict) or "model_cfg" not in config:
         raise UserError(f"{folder / OPEN_CLIP_CONFIG}: no \"model_cfg\"; not an open_clip model directory")
-    cfg = validate_model_config(config["model_cfg"], str(folder / OPEN_CLIP_CONFIG))
+    cfg = model_config_from(config["model_cfg"], str(folder / OPEN_CLIP_CONFIG))
     heads_meta = read_json(folder / HEADS_META) if (folder / HEADS_META).is_file() else {}
     heads = Heads(**heads_meta.get("heads", {}))
     model = _build(cfg, heads)
+    if is_stock(config["model_cfg"]):  # any open_clip model directory, or `export --stock-vocab`
+        load_open_clip_weights(model.tower, folder / OPEN_CLIP_WEIGHTS)  # extends the vocabulary
+        return LoadedModel(model.eval(), cfg, heads, "export", str(folder), step=heads_meta.get("step"))
     state = {f"tower.{k}": v for k, v in read_tensors(folder / OPEN_CLIP_WEIGHTS).items()}
     if (folder / HEADS_WEIGHTS).is_file():
         state.update(read_tensors(folder / HEADS_WEIGHTS))

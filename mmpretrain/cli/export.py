@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
                                    "or open_clip model name")
     p.add_argument("--out", required=True, help="directory to write (open_clip local-dir: layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--stock-vocab", action="store_true",
+                   help="write open_clip's stock text layout (vocab_size 49408, default pooling), which loads "
+                        "with the stock config the model came from; drops the <mask>/<sep> rows and the text heads")
     p.set_defaults(func=_run_export)
 
 
@@ -21,8 +24,9 @@ def _run_export(args) -> int:
 
     loaded = load_model(args.checkpoint, args.model)
     out = export_model(loaded.model, loaded.model_config, loaded.heads, args.out, overwrite=args.overwrite,
-                       provenance={"source": loaded.path, "source_kind": loaded.kind, "step": loaded.step})
-    heads = [h for h, on in vars(loaded.heads).items() if on]
+                       provenance={"source": loaded.path, "source_kind": loaded.kind, "step": loaded.step},
+                       stock_vocab=args.stock_vocab)
+    heads = [] if args.stock_vocab else [h for h, on in vars(loaded.heads).items() if on]
     print(f"exported {loaded.kind} {loaded.path} to {out} (heads: {', '.join(heads) or 'none'}); "
           f"load it with open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0

@@ -15,7 +15,7 @@ import mmpretrain
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import atomic_dir, writing
 from mmpretrain.models.heads import Heads
-from mmpretrain.models.model_config import image_size
+from mmpretrain.models.model_config import STOCK_VOCAB_SIZE, image_size, stock_text_config
 
 # The export layout: open_clip reads the first two files (`local-dir:`), we read all of them.
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -51,8 +51,14 @@ def tokenizer_details(context_length: int) -> dict[str, Any]:
 
 
 def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | Path, *,
-                 overwrite: bool = False, provenance: dict[str, Any] | None = None) -> Path:
-    """Write `model` (a MultitaskModel) to `out`; returns the directory."""
+                 overwrite: bool = False, provenance: dict[str, Any] | None = None,
+                 stock_vocab: bool = False) -> Path:
+    """Write `model` (a MultitaskModel) to `out`; returns the directory.
+
+    `stock_vocab`: open_clip's stock text layout (model_config.stock_text_config), which loads with
+    the stock config a model came from (`open_clip.create_model(NAME, pretrained=...)`, strict): the
+    token embedding's <mask>/<sep> rows are dropped, and with them the text heads (their decoder is
+    that embedding), which are not written."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -60,14 +66,19 @@ def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | P
         raise UserError(f"export {out}: exists and is not empty; choose another --out or pass --overwrite")
     # a full disk is one line naming the export; atomic_dir removes what was half written
     with writing(out, "free space and rerun the same command"), atomic_dir(out) as tmp:
-        config = {"model_cfg": model_config, "preprocess_cfg": preprocess_config(model_config)}
+        written = stock_text_config(model_config) if stock_vocab else model_config
+        config = {"model_cfg": written, "preprocess_cfg": preprocess_config(model_config)}
         _write_json(tmp / OPEN_CLIP_CONFIG, config)
-        save_file(_contiguous(model.export_state_dict()), str(tmp / OPEN_CLIP_WEIGHTS))
+        tower = model.export_state_dict()
+        if stock_vocab:
+            tower["token_embedding.weight"] = tower["token_embedding.weight"][:STOCK_VOCAB_SIZE]  # (49408, D)
+            heads = Heads(mlm=False, ar=False)
+        save_file(_contiguous(tower), str(tmp / OPEN_CLIP_WEIGHTS))
         head_state = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
-        if head_state:
+        if head_state and not stock_vocab:
             save_file(_contiguous(head_state), str(tmp / HEADS_WEIGHTS))
         _write_json(tmp / HEADS_META, {"heads": vars(heads).copy(), "mmpretrain_version": mmpretrain.__version__,
-                                       **(provenance or {})})
+                                       "stock_vocab": stock_vocab, **(provenance or {})})
         _write_json(tmp / TOKENIZER_META, tokenizer_details(model_config["text_cfg"].get("context_length", 77)))
     return out
 

@@ -1,11 +1,14 @@
 """Architecture files: open_clip's model-config schema (embed_dim, vision_cfg, text_cfg), validated.
 
-A model is named by a JSON file path, by a file in `mmpretrain/models/model_configs/` (`tiny`, `ViT-B-32`, ...), or by
-one of open_clip's built-in names (`ViT-L-14`, `convnext_base`, ...). Our text trunk needs three
-things open_clip's own configs do not say, so built-in configs are adapted (and the change logged):
-the vocabulary holds `<mask>` and `<sep>` (49410 rows), and text is pooled at the end-of-text token
-("eos" pooling with id 49407), which is what open_clip computes too when it loads an exported model.
-Files we ship already say so; a user file that does not is an error rather than a silent rewrite.
+A model is named by a JSON file path (an open_clip model JSON, or the `open_clip_config.json` of an
+open_clip model directory, whose "model_cfg" is the model), by a file in
+`mmpretrain/models/model_configs/` (`tiny`, `ViT-B-32`, ...), or by one of open_clip's built-in
+names (`ViT-L-14`, `convnext_base`, ...). Our text trunk needs three things open_clip's own configs
+do not say, so stock configs (vocab_size 49408, argmax pooling) are adapted in memory and the change
+logged: the vocabulary holds `<mask>` and `<sep>` (49410 rows), and text is pooled at the end-of-text
+token ("eos" pooling with id 49407). For texts without the two added tokens this computes exactly
+what the stock config does (49407 is the largest id, so argmax finds the same position), and
+`export --stock-vocab` writes the stock layout back. Other vocabularies are an error.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # Fixed by mmpretrain.data.text.tokenizer (it asserts them): CLIP BPE 49408 + <mask> + <sep>.
 TEXT_VOCAB_SIZE = 49410
+STOCK_VOCAB_SIZE = 49408  # open_clip's CLIP BPE configs
 EOT_ID = 49407
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"  # package data: in every install, editable or not
@@ -44,7 +48,7 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
         if not path.is_file():
             raise UserError(f"model config {name_or_path}: no such file (give a .json path or one of "
                             f"{', '.join(shipped_configs())})")
-        return validate_model_config(_read_json(path), str(path))
+        return model_config_from(_read_json(path), str(path))
     shipped = CONFIG_DIR / f"{name_or_path}.json"
     if shipped.is_file():
         return validate_model_config(_read_json(shipped), str(shipped))
@@ -54,19 +58,58 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
     if builtin is None:
         raise UserError(f"model config {name_or_path!r}: not a file, not in {CONFIG_DIR} "
                         f"({', '.join(shipped_configs())}) and not an open_clip model name")
-    return validate_model_config(adapt_open_clip_config(builtin), f"open_clip:{name_or_path}")
+    return validate_model_config(adapt_open_clip_config(builtin, f"open_clip:{name_or_path}"), f"open_clip:{name_or_path}")
 
 
-def adapt_open_clip_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """An open_clip built-in config with our vocabulary size and end-of-text pooling."""
+def model_config_from(cfg: Any, source: str) -> dict[str, Any]:
+    """A config read from anywhere (a file, an export's open_clip_config.json): unwrapped, a stock text
+    layout adapted, validated."""
+    return validate_model_config(_stock_to_ours(_unwrap(cfg, source), source), source)
+
+
+def is_stock(cfg: Any) -> bool:
+    """Whether a config (or open_clip_config.json) has open_clip's stock text layout."""
+    text = _unwrap(cfg, "").get("text_cfg") if isinstance(cfg, dict) else None
+    return isinstance(text, dict) and (text.get("vocab_size", STOCK_VOCAB_SIZE) == STOCK_VOCAB_SIZE
+                                       and text.get("pool_type", "argmax") == "argmax" and "eos_id" not in text)
+
+
+def adapt_open_clip_config(cfg: dict[str, Any], source: str = "open_clip config") -> dict[str, Any]:
+    """An open_clip stock config with our vocabulary size and end-of-text pooling (logged)."""
     cfg = copy.deepcopy(cfg)
     text = cfg.setdefault("text_cfg", {})
     changed = {k: v for k, v in (("vocab_size", TEXT_VOCAB_SIZE), ("pool_type", "eos"), ("eos_id", EOT_ID))
                if text.get(k) != v}
     text.update(changed)
     if changed:
-        log.info("adapted open_clip config for mmpretrain's tokenizer: text_cfg %s", changed)
+        log.warning("mmpretrain: %s has the stock CLIP text layout (vocab_size %s); extended to %s rows for "
+                    "<mask>/<sep> with end-of-text pooling in memory (text_cfg %s); `mmpretrain export "
+                    "--stock-vocab` writes the stock layout back", source, STOCK_VOCAB_SIZE, TEXT_VOCAB_SIZE, changed)
     return cfg
+
+
+def stock_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Our config in open_clip's stock text layout: vocab_size 49408, default (argmax) pooling."""
+    cfg = copy.deepcopy(cfg)
+    text = cfg["text_cfg"]
+    text["vocab_size"] = STOCK_VOCAB_SIZE
+    text.pop("pool_type", None)
+    text.pop("eos_id", None)
+    return cfg
+
+
+def _unwrap(cfg: Any, source: str) -> Any:
+    """The model of an open_clip model directory's open_clip_config.json ({"model_cfg", "preprocess_cfg"})."""
+    if isinstance(cfg, dict) and "model_cfg" in cfg and "embed_dim" not in cfg:
+        if source:
+            log.info("mmpretrain: %s is an open_clip_config.json; using its model_cfg", source)
+        return cfg["model_cfg"]
+    return cfg
+
+
+def _stock_to_ours(cfg: Any, source: str) -> Any:
+    """A config in the stock text layout is adapted like open_clip's built-ins; ours pass as they are."""
+    return adapt_open_clip_config(cfg, source) if is_stock(cfg) else cfg
 
 
 def validate_model_config(cfg: Any, source: str) -> dict[str, Any]:
@@ -132,8 +175,9 @@ def _check_text(text: dict[str, Any], source: str) -> None:
         bad("embed_cls", "the text trunk pools at end-of-text; a CLS embedding is not supported")
     if text.get("no_causal_mask"):
         bad("no_causal_mask", "the trunk picks causal or bidirectional attention per branch; remove this key")
-    if text.get("vocab_size", 49408) != TEXT_VOCAB_SIZE:
-        bad("vocab_size", f"must be {TEXT_VOCAB_SIZE} (CLIP BPE + <mask> + <sep>)")
+    if text.get("vocab_size", STOCK_VOCAB_SIZE) != TEXT_VOCAB_SIZE:
+        bad("vocab_size", f"must be {TEXT_VOCAB_SIZE} (CLIP BPE + <mask> + <sep>) or the stock {STOCK_VOCAB_SIZE} "
+                          "with default pooling (adapted in memory)")
     if text.get("pool_type", "argmax") != "eos" or text.get("eos_id", 2) != EOT_ID:
         bad("pool_type", f'set "pool_type": "eos" and "eos_id": {EOT_ID} (argmax pooling breaks once '
                          f"<mask>/<sep> ids appear)")
