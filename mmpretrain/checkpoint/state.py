@@ -179,9 +179,11 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     kind = classify(resume)
     if kind == "run":
         return latest_checkpoint(resume)
+    if kind == "weights" and Path(resume).suffix.lower() == ".pt":
+        return Path(resume)  # an open_clip_train epoch_N.pt, continued by mmpretrain.train.open_clip_train
     if kind != "checkpoint":
-        raise UserError(f"train.resume={resume}: not a training checkpoint or run directory "
-                        "(exports and open_clip files start a run through model.pretrained instead)")
+        raise UserError(f"train.resume={resume}: not a training checkpoint, run directory or open_clip_train "
+                        "epoch_N.pt (exports and weights files start a run through model.pretrained instead)")
     return Path(resume)
 
 

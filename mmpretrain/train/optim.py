@@ -101,3 +101,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg: ScheduleConf
                          name=schedule_cfg.name, min_lr_ratio=schedule_cfg.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seek_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put `scheduler` (and its optimizer's learning rates) where `step` optimizer steps leave it."""
+    lrs = [base * factor(step) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.last_epoch = step
+    scheduler._last_lr = lrs  # what get_last_lr() reports

@@ -34,7 +34,8 @@ from mmpretrain.models import TowerOptions, build_model, load_model_config, load
 from mmpretrain.models.heads import Heads
 from mmpretrain.models.model_config import image_size
 from mmpretrain.train.guard import exit_with_launcher, hold_run_folder
-from mmpretrain.train.optim import build_optimizer, build_scheduler
+from mmpretrain.train.open_clip_train import continue_open_clip_train
+from mmpretrain.train.optim import build_optimizer, build_scheduler, seek_scheduler
 from mmpretrain.train.runlog import RunLog, check_trackers
 from mmpretrain.train.step import accumulate_step
 
@@ -147,7 +148,9 @@ class Trainer:
         loaders = self.build_loaders()
         self.periodic = PeriodicEval(cfg.eval, heads=self.heads, model_config=self.model_cfg,
                                      num_workers=cfg.data.num_workers, seed=cfg.train.seed)
-        if resume is not None:
+        if resume is not None and resume.is_file():  # an open_clip_train epoch_N.pt
+            self._continue_open_clip_train(resume)
+        elif resume is not None:
             self.step = load_checkpoint(acc, resume, loaders, model=self.model, optimizer=self.optimizer,
                                         scheduler=self.scheduler)["step"]
         if acc.is_main_process:
@@ -161,6 +164,19 @@ class Trainer:
             return self._loop(loaders, log, resumed_from=resume)
         finally:
             log.close()
+
+    def _continue_open_clip_train(self, path: Path) -> None:
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UserError(f"train.resume={path}: an open_clip_train checkpoint continues under DDP or one "
+                            "process; under FSDP/DeepSpeed start from its weights with model.pretrained")
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds torch's AdamW
+        self.step, notes = continue_open_clip_train(path, self.bare_model, inner)
+        seek_scheduler(self.scheduler, self.step)
+        if self.accelerator.is_main_process:
+            for note in notes:
+                print(f"mmpretrain train: {note}", file=sys.stderr)
 
     def _loop(self, loaders: dict[str, Loader], log: RunLog, resumed_from) -> dict[str, Any]:
         cfg, acc, k = self.cfg, self.accelerator, self.cfg.train.accum_steps
