@@ -169,3 +169,91 @@ def test_label_map_rules():
     names = LabelMap(index={"7": 0, "cat": 1})  # a class may be called "7" when a --classnames file says so
     assert names.label(7, "m:5") == (0, None) and names.label(" cat ", "m:6") == (1, None)
     assert names.label(8, "m:7")[1][0] == "mixed_labels" and names.label(True, "m:8")[1][0] == "invalid_label"
+
+
+def test_labels_int_refuses_are_names_or_recorded_never_a_crash():
+    from mmpretrain.prepare.labels import INTEGER, NAME, label_kind
+
+    # "²" is a digit to str.isdigit but not to int(); "+-3" passes lstrip("+-") but not int()
+    assert [label_kind(v) for v in ["²", "+-3", "-3", "+3", " 3 ", "٣"]] == [NAME, NAME, INTEGER, INTEGER, INTEGER,
+                                                                           INTEGER]
+    assert LabelMap().label("٣", "m:1") == (3, None)  # int() reads every Unicode decimal digit
+    reason, detail = LabelMap().label("cat", "m:2")[1]  # a name the pass did not see (the file changed)
+    assert reason == "invalid_label" and "m:2" in detail
+    numbers = LabelMap(count=3)
+    assert numbers.label(-1, "m:3")[1][0] == "invalid_label"  # -1 would be the file's last line
+    assert numbers.label(0, "m:4") == (0, None) and numbers.label(3, "m:5")[1][0] == "invalid_label"
+
+
+def test_a_label_int_cannot_read_is_a_class_name_in_a_real_run(tmp_path):
+    manifest = _write(tmp_path, "csv", _rows(tmp_path, ["1", "²", "2"]))
+    out = tmp_path / "out"
+    assert main(["prepare", str(manifest), "--out", str(out), *COMMON]) == 0
+    assert json.loads((out / "dataset.json").read_text())["classes"] == ["²"]
+    assert _cls_by_caption(out) == {"photo number 1": 0}
+    assert json.loads((out / "stats.json").read_text())["reasons"] == {"mixed_labels": 2}
+
+
+def test_classnames_file_with_integer_labels_bounds_them(tmp_path):
+    order = tmp_path / "classes.txt"
+    order.write_text("zebra\ndog\ncat\n")
+    manifest = _write(tmp_path, "jsonl", _rows(tmp_path, [0, -1, 2, 3]))
+    out = tmp_path / "out"
+    assert main(["prepare", str(manifest), "--out", str(out), "--classnames", str(order), *COMMON]) == 0
+    assert json.loads((out / "dataset.json").read_text())["classes"] == ["zebra", "dog", "cat"]
+    assert _cls_by_caption(out) == {"photo number 0": 0, "photo number 2": 2}
+    details = sorted(f["detail"] for f in _failures(out) if f["reason"] == "invalid_label")
+    assert len(details) == 2 and "label -1 is not a line (0 .. 2)" in details[0] and "label 3" in details[1]
+
+
+def test_class_folders_and_a_named_manifest_share_the_classnames_file(tmp_path):
+    for i, name in enumerate(["dog", "zebra"]):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "tree" / name / "a.png")
+    manifest = _write(tmp_path, "csv", _rows(tmp_path, ["cat", "ant"]))  # ant: not in the file
+    order = tmp_path / "classes.txt"
+    order.write_text("zebra\ndog\ncat\n")
+    out = tmp_path / "out"
+    assert main(["prepare", str(tmp_path / "tree"), str(manifest), "--out", str(out), "--classnames", str(order),
+                 *COMMON]) == 0
+    assert _cls_by_caption(out) == {"a photo of a dog.": 1, "a photo of a zebra.": 0, "photo number 0": 2}
+    assert [f["reason"] for f in _failures(out)] == ["unknown_label"]  # a row's failure, not the run's
+
+
+def test_too_many_distinct_names_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from mmpretrain.prepare import labels
+
+    monkeypatch.setattr(labels, "MAX_CLASSES", 3)
+    manifest = _write(tmp_path, "parquet", _rows(tmp_path, ["a", "b", "c", "d"]))
+    assert main(["prepare", str(manifest), "--out", str(tmp_path / "out"), *COMMON]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(manifest) in err and "'label'" in err and "--label-column" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_numeric_parquet_columns_are_not_read_and_a_done_run_reads_no_labels(tmp_path, monkeypatch):
+    from mmpretrain.prepare import pipeline, sources
+
+    numeric = _write(tmp_path, "parquet", _rows(tmp_path, [3, None, 1]))
+    assert sources._label_values(numeric, "parquet", sources.ColumnOptions()) is None
+    named = _write(tmp_path / "n", "parquet", _rows(tmp_path / "n", ["cat", "dog"]))
+    assert list(sources._label_values(named, "parquet", sources.ColumnOptions())) == ["cat", "dog"]
+    out = tmp_path / "out"
+    assert main(["prepare", str(named), "--out", str(out), *COMMON]) == 0
+
+    def no_pass(*args):
+        raise AssertionError("a complete run must not read the label column again")
+
+    monkeypatch.setattr(pipeline, "manifest_label_names", no_pass)
+    assert main(["prepare", str(named), "--out", str(out), *COMMON]) == 0
+
+
+def test_eval_zeroshot_finds_the_manifest_names_as_it_does_class_folders(tmp_path):
+    from mmpretrain.eval.zeroshot import zeroshot_prompts
+
+    manifest = _write(tmp_path, "jsonl", _rows(tmp_path, LABELS))
+    out = tmp_path / "out"
+    assert main(["prepare", str(manifest), "--out", str(out), *COMMON]) == 0
+    prompts = zeroshot_prompts(None, None, [str(out / "train" / "m-{000000..000002}.tar")])
+    assert prompts.classnames == ["ant", "cat", "dog", "zebra"]
+    assert prompts.classnames_from == str(out / "dataset.json")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpretrain.errors import UserError
-from mmpretrain.prepare.labels import LabelMap, column_names
+from mmpretrain.prepare.labels import LabelMap, column_names, has_names
 from mmpretrain.shards.format import (
     CAPTION_EXT,
     IMAGE_EXTS,
@@ -254,20 +254,34 @@ def _label_column(path: Path, names: list[str], columns: ColumnOptions) -> str |
 
 
 def manifest_label_names(path: Path, kind: str, columns: ColumnOptions) -> list[str] | None:
-    """The sorted class names in a manifest's label column (labels.column_names): one pass over that
-    column only (parquet reads just it); None when it holds integers or there is no label column."""
-    if kind == "parquet":
+    """The class names of a manifest's label column: its sorted names (labels.column_names) or, with
+    --classnames, that file's names as soon as one name is seen; None when it holds integers only or
+    there is no label column. One pass over that column only (parquet reads just it, numeric ones
+    not at all)."""
+    values = _label_values(path, kind, columns)
+    if values is None:
+        return None
+    if columns.classnames:
+        return list(columns.classnames) if has_names(values) else None
+    return column_names(values, f"label column '{columns.label or 'label'}' of manifest {path}")
 
-        pf = _parquet_file(path)
-        column = _label_column(path, list(pf.schema_arrow.names), columns)
-        if column is None:
-            return None
-        values = (v for batch in pf.iter_batches(batch_size=65536, columns=[column])
-                  for v in batch.column(0).to_pylist())
-        return column_names(values)
-    rows, names = _manifest_rows(path, kind)
-    column = _label_column(path, names, columns)
-    return None if column is None else column_names(r.get(column) for r in rows if isinstance(r, dict))
+
+def _label_values(path: Path, kind: str, columns: ColumnOptions) -> Iterator | None:
+    """The label column's cells in row order; None when there is none or it can hold no names."""
+    if kind != "parquet":
+        rows, names = _manifest_rows(path, kind)
+        column = _label_column(path, names, columns)
+        return None if column is None else (r.get(column) for r in rows if isinstance(r, dict))
+    import pyarrow as pa
+
+    pf = _parquet_file(path)
+    column = _label_column(path, list(pf.schema_arrow.names), columns)
+    if column is None:
+        return None
+    kind_of = pf.schema_arrow.field(column).type
+    if pa.types.is_integer(kind_of) or pa.types.is_floating(kind_of) or pa.types.is_boolean(kind_of):
+        return None  # a numeric column holds no names: no pass over it
+    return (v for batch in pf.iter_batches(batch_size=65536, columns=[column]) for v in batch.column(0).to_pylist())
 
 
 def _row_input(
