@@ -91,7 +91,7 @@ def test_classnames_file_sets_the_order_and_unknown_names_are_recorded(tmp_path)
                                     if label != "ant"}
     failures = _failures(out)
     assert [f["reason"] for f in failures] == ["unknown_label"]
-    assert "'ant' is not in the --classnames file" in failures[0]["detail"] and "manifest.csv:5:" in failures[0]["detail"]  # data row 5
+    assert "'ant' is not in the --classnames file; add it there" in failures[0]["detail"] and "manifest.csv:5:" in failures[0]["detail"]  # data row 5
     stats = json.loads((out / "stats.json").read_text())
     assert stats["reasons"] == {"unknown_label": 1}
 
@@ -156,6 +156,16 @@ def test_a_bad_classnames_file_is_one_line(tmp_path, capsys, content, message):
                  *COMMON]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and str(names) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_classnames_file_says_what_to_give(tmp_path, capsys):
+    manifest = _write(tmp_path, "csv", _rows(tmp_path, ["cat", "dog"]))
+    for names in (tmp_path / "absent.txt", tmp_path / "img"):  # no file; a folder
+        assert main(["prepare", str(manifest), "--out", str(tmp_path / "out"), "--classnames", str(names),
+                     *COMMON]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(names) in err and "one class name per line" in err
     assert not (tmp_path / "out").exists()
 
 

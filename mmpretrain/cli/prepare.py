@@ -77,6 +77,9 @@ def _run_prepare(args) -> int:
     from mmpretrain.prepare.text import TextOptions
     from mmpretrain.shards.layout import read_classnames
 
+    if args.classnames and not os.path.isfile(args.classnames):  # say what to do, not just 'not found'
+        raise UserError(f"--classnames file {args.classnames} not found (or not a file); give a text file with "
+                        "one class name per line, label 0 first")
     if "{}" not in args.caption_template:
         raise UserError(f"--caption-template {args.caption_template!r} has no {{}} for the class name")
     opts = PrepareOptions(

@@ -62,7 +62,8 @@ class LabelMap:
         if kind == INTEGER:
             return None, ("mixed_labels", f"{where}: label {name!r} is an integer in a column of class names; "
                                           "use names throughout (or integers throughout)")
-        return None, ("unknown_label", f"{where}: class {name!r} is not in the --classnames file")
+        return None, ("unknown_label", f"{where}: class {name!r} is not in the --classnames file; "
+                                          "add it there or correct the row")
 
     def _number(self, value, kind: str, where: str) -> tuple[int | None, tuple[str, str] | None]:
         # A name here means the pass over the column saw none: the manifest changed since. Recorded,

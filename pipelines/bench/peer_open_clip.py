@@ -34,6 +34,9 @@ job crashes (its log tail is printed).
     .venv/bin/python pipelines/bench/peer_open_clip.py [--repeat 3 --steps 40 --workers 1 --threads 1]
     .venv/bin/python pipelines/bench/peer_open_clip.py --shards shards/demo     # reuse `make demo`'s shards
     .venv/bin/python pipelines/bench/peer_open_clip.py --ours-extra optim.fused=false   # ours with torch's default AdamW
+    # on a GPU (pipelines/bench/gpu_check.sh runs this): both tools on cuda, mixed precision, peak GPU memory per job
+    .venv/bin/python pipelines/bench/peer_open_clip.py --device cuda --precision bf16 \
+        --model-config mmpretrain/models/model_configs/ViT-B-32.json --image-size 224 --batch-size 256
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,6 +77,7 @@ from open_clip_train.main import main
 main(sys.argv[3:])
 """
 JOBS = ("peer", "ours (text off)", "ours (text on)")
+PEER_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}  # open_clip_train's names for ours
 
 
 # -- the peer's environment ----------------------------------------------------------------------
@@ -134,7 +139,8 @@ def peer_command(args, cfg, tars: list[Path], run: Path) -> list[str]:
             "--train-data", "::".join(map(str, tars)), "--train-num-samples", str(args.steps * args.batch_size),
             "--dataset-type", "webdataset", "--dataset-resampled", "--batch-size", str(args.batch_size),
             "--epochs", "1", "--workers", str(args.workers), "--model", args.model_config.stem,
-            "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1", "--save-frequency", "0",
+            "--precision", PEER_PRECISION[args.precision], "--device", args.device, "--log-every-n-steps", "1",
+            "--save-frequency", "0",
             "--logs", str(run), "--name", "peer", "--report-to", "", "--seed", str(cfg.train.seed),
             "--lr", str(o.lr), "--wd", str(o.weight_decay), "--beta1", str(o.beta1), "--beta2", str(o.beta2),
             "--eps", str(o.eps), "--warmup", str(cfg.schedule.warmup_steps),
@@ -144,21 +150,49 @@ def peer_command(args, cfg, tars: list[Path], run: Path) -> list[str]:
 def ours_overrides(args, tars: list[Path], run: Path, text: bool) -> list[str]:
     return [f"model.name={args.model_config}", f"model.mlm={str(text).lower()}", f"model.ar={str(text).lower()}",
             f"data.train_shards=['{tars[0].parent}']", "data.text_shards=[]", f"data.batch_size={args.batch_size}",
-            f"data.num_workers={args.workers}", "data.mode=resampled", "train.precision=fp32",
+            f"data.num_workers={args.workers}", "data.mode=resampled", f"train.precision={args.precision}",
             f"train.steps={args.steps}", "train.checkpoint_every=0", f"train.output_dir={run}", "eval.every=0",
             "logging.trackers=[]", "logging.log_every=1", "logging.progress=false", *args.ours_extra]
 
 
-def run_job(cmd: list[str], log: Path, env: dict) -> float:
-    """Run one job to its end, output into `log`; its wall time. Exits with 2 (and the log's tail) on failure."""
+class GpuMemory:
+    """Peak GPU memory of one job's process as nvidia-smi reports it (all it holds: the caching
+    allocator's reserve and the CUDA context, the same for both tools), polled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_mib, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.2):
+            out = subprocess.run(query, capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                pid, _, used = line.partition(",")
+                if pid.strip() == str(self.pid) and used.strip().isdigit():
+                    self.peak_mib = max(self.peak_mib, int(used))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mib
+
+
+def run_job(cmd: list[str], log: Path, env: dict, gpu: bool = False) -> tuple[float, int | None]:
+    """Run one job to its end, output into `log`; (wall time, peak GPU MiB or None). Exits with 2 (and
+    the log's tail) on failure."""
     start = time.perf_counter()
     with open(log, "w") as fh:
-        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=log.parent).returncode
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        memory = GpuMemory(proc.pid) if gpu else None
+        code = proc.wait()
+        peak = memory.stop() if memory else None
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         print(f"\n{log.stem} exited with {code}; the end of its output ({log}):\n{tail}", flush=True)
         sys.exit(2)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, peak
 
 
 def peer_steps(log: Path, batch: int) -> list[tuple[float, float]]:
@@ -197,14 +231,17 @@ def measure(args, steps: list[tuple[float, float]]) -> dict:
             "step_ms": 1e3 * statistics.median(s for s, _ in window)}
 
 
-def one_job(args, cfg, tars: list[Path], run: Path, job: str, env: dict) -> tuple[float, list[tuple[float, float]]]:
-    """(process wall time, per-step records) of one job in the fresh folder `run`."""
+def one_job(args, cfg, tars: list[Path], run: Path, job: str,
+            env: dict) -> tuple[float, int | None, list[tuple[float, float]]]:
+    """(process wall time, peak GPU MiB, per-step records) of one job in the fresh folder `run`."""
+    gpu = args.device == "cuda"
     if job == "peer":
-        wall = run_job(peer_command(args, cfg, tars, run), run / "peer.log", env)
-        return wall, peer_steps(run / "peer.log", args.batch_size)
+        wall, peak = run_job(peer_command(args, cfg, tars, run), run / "peer.log", env, gpu)
+        return wall, peak, peer_steps(run / "peer.log", args.batch_size)
     cmd = [sys.executable, "-m", "mmpretrain.train", "--config", str(args.config),
            *ours_overrides(args, tars, run, text=job == "ours (text on)")]
-    return run_job(cmd, run / "ours.log", env), ours_steps(run, args.batch_size)
+    wall, peak = run_job(cmd, run / "ours.log", env, gpu)
+    return wall, peak, ours_steps(run, args.batch_size)
 
 
 def run_all(args, cfg, tars: list[Path], work: Path) -> dict[str, list[dict]]:
@@ -216,8 +253,8 @@ def run_all(args, cfg, tars: list[Path], work: Path) -> dict[str, list[dict]]:
         for job in JOBS:
             run = work / f"run{r}-{job.split()[0]}{'-text' if job == 'ours (text on)' else ''}"
             run.mkdir()
-            wall, steps = one_job(args, cfg, tars, run, job, env)
-            m = {**measure(args, steps), "wall": wall}
+            wall, peak, steps = one_job(args, cfg, tars, run, job, env)
+            m = {**measure(args, steps), "wall": wall, "gpu_mib": peak}
             if job == "peer" and "peer" not in params:
                 found = re.search(r"peer parameters: (\d+)", (run / "peer.log").read_text())
                 params["peer"] = int(found.group(1)) if found else -1
@@ -226,13 +263,13 @@ def run_all(args, cfg, tars: list[Path], work: Path) -> dict[str, list[dict]]:
                     sys.exit("the peer's model and ours (text off) differ in size: not the same architecture")
             results[job].append(m)
             rows.append([job, r, m["n"], f"{m['rate']:.1f}", f"{m['step_ms']:.0f}", f"{100 * m['wait']:.1f}",
-                         f"{wall:.0f}"])
+                         f"{wall:.0f}", "-" if peak is None else f"{peak}"])
             print(f"  {job:<16} run {r}: {m['rate']:.1f} samples/s over {m['n']} steps ({wall:.0f} s, load "
                   f"{os.getloadavg()[0]:.2f})", flush=True)
     print("\nsamples/s: batch x steps / wall time of steps skip+1..steps-tail (end of step to end of step, from each "
           "tool's per-step log); step ms: median of those steps; wait: share of that time spent waiting for data; "
-          "run s: the whole process, start-up and exit included\n")
-    print(format_table(["job", "run", "steps", "samples/s", "step ms", "wait %", "run s"], rows))
+          "run s: the whole process, start-up and exit included; GPU MiB: the process's peak in nvidia-smi\n")
+    print(format_table(["job", "run", "steps", "samples/s", "step ms", "wait %", "run s", "GPU MiB"], rows))
     return results
 
 
@@ -255,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-extra", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more overrides for both of our jobs, e.g. optim.fused=false (torch's default AdamW, as the peer)")
     p.add_argument("--peer-env", type=Path, default=ROOT / ".venv-peer", help="open_clip_train's environment")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both tools train")
+    p.add_argument("--precision", choices=tuple(PEER_PRECISION), default="fp32",
+                   help="both tools: ours train.precision, the peer's --precision fp32|amp_bf16|amp")
     args = p.parse_args(argv)
     args.threads = args.threads or max(1, cores - args.workers)
     if args.steps - args.skip - args.tail < 5:
@@ -278,7 +318,7 @@ def _bench(args, cfg, versions: dict, cores: int, work: Path) -> int:
     tars, samples = make_shards(args, work)
     ours = {n: importlib.metadata.version(n) for n in ("torch", "open_clip_torch", "webdataset", "accelerate")}
     print(f"cores available: {cores}; OMP_NUM_THREADS={args.threads} and {args.workers} data worker(s) for both; "
-          f"model {args.model_config.name}, batch {args.batch_size}, fp32 CPU; lr {cfg.optim.lr}, wd "
+          f"model {args.model_config.name}, batch {args.batch_size}, {args.precision} {args.device}; lr {cfg.optim.lr}, wd "
           f"{cfg.optim.weight_decay}, warmup {cfg.schedule.warmup_steps}, grad clip {cfg.optim.grad_clip}; "
           f"{len(tars)} shards, {samples} samples ({tars[0].parent}); {args.steps} steps per job, steps "
           f"{args.skip + 1}..{args.steps - args.tail} measured; {args.repeat} rounds"
@@ -294,7 +334,8 @@ def _bench(args, cfg, versions: dict, cores: int, work: Path) -> int:
     print(f"\nsummary (medians of {args.repeat} runs; load average after: {os.getloadavg()[0]:.2f}; "
           f"{time.perf_counter() - start:.0f} s)")
     for job in JOBS:
-        print(f"  {job:<16} {med[job]:7.1f} samples/s")
+        peaks = [m["gpu_mib"] for m in results[job] if m["gpu_mib"] is not None]
+        print(f"  {job:<16} {med[job]:7.1f} samples/s" + (f", peak GPU {max(peaks)} MiB" if peaks else ""))
     rounds = " ".join(f"{o['rate'] / p['rate']:.2f}" for o, p in zip(results["ours (text off)"], results["peer"]))
     print(f"  ours (text off) / peer: {ratio:.2f}   target >= {TARGET}   {'PASS' if ratio >= TARGET else 'FAIL'}"
           f"   (round by round: {rounds})")
