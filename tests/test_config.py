@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -239,9 +240,13 @@ def test_validate_config_on_a_config_built_in_code():
 
 
 def test_training_needs_train_shards():
-    with pytest.raises(UserError, match=r"^data.train_shards is empty: "):
+    with pytest.raises(UserError, match=r"^data.train_shards is empty: ") as e:
         require_training_data(load_config(None))
     require_training_data(load_config(None, ["data.train_shards=[shards/demo/train]"]))
+    # the message's examples are overrides a user can paste (shell quotes removed) and they load as written
+    examples = [m.replace("'", "") for m in re.findall(r"(data\.train_shards=\S+?),?(?:\s|$)", str(e.value))]
+    assert [load_config(None, [ex]).data.train_shards for ex in examples] == [
+        ["shards/NAME/train"], ["shards/NAME/train/NAME-{000000..000009}.tar"]]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])

@@ -87,8 +87,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def require_training_data(cfg: Config) -> None:
     """Training needs image-text shards; configs for evaluation or tests may leave them out."""
     if not cfg.data.train_shards:
-        raise UserError("data.train_shards is empty: give image-text shard patterns in the config or on "
-                        "the command line, e.g. data.train_shards='[\"shards/NAME/train\"]'")
+        raise UserError("data.train_shards is empty: set it in the config or on the command line to a folder "
+                        "from `mmpretrain prepare`, e.g. data.train_shards=shards/NAME/train, or to patterns, "
+                        "e.g. data.train_shards='[\"shards/NAME/train/NAME-{000000..000009}.tar\"]'")
 
 
 def sections_off(cfg: Config) -> list[str]:
