@@ -83,3 +83,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_checkpoint(run: Path, step: int = 3, seed: int = 0):
+    """(model, model config, checkpoint dir): a randomly initialised tiny model with both text heads,
+    saved as run/checkpoints/step-N the way the trainer saves one (weights + checkpoint.json)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mmpretrain.checkpoint.meta import checkpoint_meta
+    from mmpretrain.models import build_model, load_model_config
+    from mmpretrain.models.heads import Heads
+
+    torch.manual_seed(seed)
+    cfg = load_model_config("tiny")
+    model = build_model(cfg).eval()
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
+    (ckpt / "checkpoint.json").write_text(json.dumps(checkpoint_meta(step, cfg, Heads(mlm=True, ar=True))))
+    return model, cfg, ckpt

@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import tiny_checkpoint
 from open_clip import zero_shot_metadata
 from PIL import Image
-from safetensors.torch import save_file
 
-from mmpretrain.checkpoint.meta import checkpoint_meta
 from mmpretrain.cli import main
 from mmpretrain.errors import UserError
 from mmpretrain.eval.evaluator import EvalSettings, Evaluator
 from mmpretrain.eval.retrieval import caption_pairs, retrieval_metrics, retrieval_positives
 from mmpretrain.eval.templates import builtin_classnames, builtin_templates, fill
 from mmpretrain.eval.zeroshot import class_embeddings, zeroshot_prompts
-from mmpretrain.models import build_model, load_model_config
 from mmpretrain.models.heads import Heads
 
 # sample -> its captions (the lines of its .txt); samples 4 and 9 repeat sample 1's picture, and
@@ -60,13 +58,7 @@ def _benchmark_folder(root, samples: list[dict], **files: str) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchmark")
-    torch.manual_seed(0)
-    cfg = load_model_config("tiny")
-    model = build_model(cfg).eval()
-    ckpt = root / "run" / "checkpoints" / "step-00000001"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
-    (ckpt / "checkpoint.json").write_text(json.dumps(checkpoint_meta(1, cfg, Heads(mlm=True, ar=True))))
+    model, cfg, _ = tiny_checkpoint(root / "run", step=1)
     return {"root": root, "model": model, "cfg": cfg, "run": str(root / "run")}
 
 

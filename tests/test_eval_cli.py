@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -32,7 +33,7 @@ from mmpretrain.data.transforms import image_transforms
 from mmpretrain.eval.evaluator import EvalSettings, Evaluator
 from mmpretrain.eval.retrieval import group_captions
 from mmpretrain.eval.run import EvalRequest, run_eval
-from mmpretrain.models import build_model, load_model_config
+from mmpretrain.models import build_model
 from mmpretrain.models.heads import Heads
 
 CLASSES = ["alpha", "beta", "gamma", "delta"]
@@ -87,13 +88,7 @@ def _write_image_set(root: Path, labels: bool, dataset_json: bool) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    cfg = load_model_config("tiny")
-    model = build_model(cfg).eval()
-    ckpt = root / "run" / "checkpoints" / "step-00000003"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
-    (ckpt / "checkpoint.json").write_text(json.dumps(checkpoint_meta(3, cfg, Heads(mlm=True, ar=True))))
+    model, cfg, ckpt = tiny_checkpoint(root / "run", step=3)
     save_file({k: v.contiguous() for k, v in model.export_state_dict().items()}, root / "open_clip.safetensors")
     _write_tar(root / "text" / "val" / "t-000000.tar", [(i, {"txt": d.encode()}) for i, d in enumerate(DOCS)])
     _write_tar(root / "empty" / "x-000000.tar", [])
