@@ -408,3 +408,18 @@ def test_fsdp_checkpoints_resume_exactly(tmp_path):
     assert sorted(weights) == out["keys"] and weights["0.weight"].shape == (6, 8)  # full, bare names
     optim = load_file(str(ckpt / "optimizer.safetensors"))
     assert not torch.equal(optim["0.weight/exp_avg"], optim["0.weight/exp_avg_sq"])
+
+
+def test_an_epoch_file_does_not_restart_a_run_folder_that_has_checkpoints(tmp_path):
+    from mmpretrain.checkpoint.state import find_resume
+    from mmpretrain.errors import UserError
+
+    epoch = tmp_path / "epoch_2.pt"
+    epoch.write_bytes(b"")  # find_resume only decides where to go on from; the file is read later
+    run = tmp_path / "run"
+    assert find_resume(str(epoch), run) == epoch  # a new folder: continue from the open_clip_train file
+    (run / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000003" / "checkpoint.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds checkpoints \\(newest step-00000003\\); continue them with "
+                                        "train.resume=latest"):
+        find_resume(str(epoch), run)

@@ -45,7 +45,7 @@ def test_stock_configs_are_extended_in_memory_and_say_so(stock, caplog):
     with caplog.at_level(logging.WARNING, logger="mmpretrain.models.model_config"):
         cfg = load_model_config(str(path))
     assert cfg == load_model_config("tiny")  # exactly our layout: 49410 rows, end-of-text pooling
-    assert "vocab_size 49408); extended to 49410" in caplog.text and str(path) in caplog.text
+    assert "has vocab_size 49408; extended to 49410" in caplog.text and str(path) in caplog.text
     assert load_model_config(str(wrapped)) == cfg
     other = json.loads(path.read_text())
     other["text_cfg"]["vocab_size"] = 32000
@@ -179,7 +179,7 @@ def test_train_resume_takes_an_epoch_file_and_says_what_carried_over(stock, epoc
     args = train_overrides(tmp_path, images, text, **{"train.steps": 4, "model.name": str(path),
                                                       "train.resume": str(ckpt), "train.checkpoint_every": 4})
     assert main(["train", "--config", str(ROOT / CONFIG), *args]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert "continued open_clip_train epoch_2.pt (epoch 2, 2 optimizer steps)" in err
     assert "not carried over: its lr/schedule/weight decay" in err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

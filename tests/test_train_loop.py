@@ -341,7 +341,7 @@ def test_the_user_recipe_trains_with_only_train_shards_and_says_what_is_off(shar
               "data.num_workers=0", "train.steps=2", "train.precision=fp32", "schedule.warmup_steps=1",
               "logging.trackers=[]", "logging.progress=false", f"train.output_dir={tmp_path / 'run'}"]
     assert main(["train", "--config", recipe, f"data.train_shards={images}", *shrink]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     off = [line for line in err.splitlines() if line.startswith("mmpretrain train: off: ")]
     assert [line.split(": off: ")[1].split(" (")[0] for line in off] == ["text corpus", "periodic eval"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -27,7 +27,15 @@ from mmpretrain.errors import UserError
 from mmpretrain.fileio import read_json
 from mmpretrain.models.export import HEADS_META, HEADS_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from mmpretrain.models.heads import Heads
-from mmpretrain.models.model_config import image_size, is_stock, model_config_from, validate_model_config
+from mmpretrain.models.model_config import (
+    ORIGINAL_LAYOUT_KEY,
+    image_size,
+    is_stock,
+    model_config_from,
+    original_layout,
+    remembered_layout,
+    validate_model_config,
+)
 from mmpretrain.models.weights import load_open_clip_weights, mismatch, shapes_of, strip_prefixes
 
 
@@ -40,6 +48,8 @@ class LoadedModel:
     path: str  # the file or directory the weights came from
     step: int | None = None
     notes: list[str] = field(default_factory=list)
+    original: dict[str, Any] | None = None
+    """The open_clip layout the model came from (model_config.original_layout), for `export --stock-vocab`."""
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": self.path, "step": self.step, "heads": vars(self.heads).copy(),
@@ -73,25 +83,34 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
     model = _build(cfg, heads)
     state = strip_prefixes(read_tensors(ckpt / CHECKPOINT_WEIGHTS))
     _load_strict(model, state, ckpt / CHECKPOINT_WEIGHTS)
-    return LoadedModel(model.eval(), cfg, heads, "checkpoint", str(ckpt), step=meta.get("step"))
+    return LoadedModel(model.eval(), cfg, heads, "checkpoint", str(ckpt), step=meta.get("step"),
+                       original=meta.get(ORIGINAL_LAYOUT_KEY))
 
 
 def _load_export(folder: Path) -> LoadedModel:
     config = read_json(folder / OPEN_CLIP_CONFIG)
     if not isinstance(config, dict) or "model_cfg" not in config:
         raise UserError(f"{folder / OPEN_CLIP_CONFIG}: no \"model_cfg\"; not an open_clip model directory")
-    cfg = model_config_from(config["model_cfg"], str(folder / OPEN_CLIP_CONFIG))
+    source = str(folder / OPEN_CLIP_CONFIG)
+    cfg = model_config_from(config, source)
     heads_meta = read_json(folder / HEADS_META) if (folder / HEADS_META).is_file() else {}
     heads = Heads(**heads_meta.get("heads", {}))
     model = _build(cfg, heads)
-    if is_stock(config["model_cfg"]):  # any open_clip model directory, or `export --stock-vocab`
+    loaded = LoadedModel(model, cfg, heads, "export", str(folder), step=heads_meta.get("step"),
+                         original=original_layout(config, source) or heads_meta.get(ORIGINAL_LAYOUT_KEY))
+    if is_stock(config):  # any open_clip model directory, or `export --stock-vocab`
         load_open_clip_weights(model.tower, folder / OPEN_CLIP_WEIGHTS)  # extends the vocabulary
-        return LoadedModel(model.eval(), cfg, heads, "export", str(folder), step=heads_meta.get("step"))
+        return _eval(loaded)
     state = {f"tower.{k}": v for k, v in read_tensors(folder / OPEN_CLIP_WEIGHTS).items()}
     if (folder / HEADS_WEIGHTS).is_file():
         state.update(read_tensors(folder / HEADS_WEIGHTS))
     _load_strict(model, state, folder)
-    return LoadedModel(model.eval(), cfg, heads, "export", str(folder), step=heads_meta.get("step"))
+    return _eval(loaded)
+
+
+def _eval(loaded: LoadedModel) -> LoadedModel:
+    loaded.model.eval()
+    return loaded
 
 
 def _load_open_clip_file(path: Path, model_config: str | None) -> LoadedModel:
@@ -104,7 +123,7 @@ def _load_open_clip_file(path: Path, model_config: str | None) -> LoadedModel:
     cfg = load_model_config(model_config)
     model = _build(cfg, Heads())
     report = load_open_clip_weights(model.tower, path)
-    loaded = LoadedModel(model.eval(), cfg, Heads(), "open_clip", str(path))
+    loaded = LoadedModel(model.eval(), cfg, Heads(), "open_clip", str(path), original=remembered_layout(model_config))
     if report.extended_vocab:
         loaded.notes.append(f"token embedding extended from {report.extended_vocab[0]} to "
                             f"{report.extended_vocab[1]} rows (<mask>, <sep>)")

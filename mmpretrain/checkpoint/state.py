@@ -180,11 +180,22 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     if kind == "run":
         return latest_checkpoint(resume)
     if kind == "weights" and Path(resume).suffix.lower() == ".pt":
-        return Path(resume)  # an open_clip_train epoch_N.pt, continued by mmpretrain.train.open_clip_train
+        return _epoch_file(Path(resume), run_dir)
     if kind != "checkpoint":
         raise UserError(f"train.resume={resume}: not a training checkpoint, run directory or open_clip_train "
                         "epoch_N.pt (exports and weights files start a run through model.pretrained instead)")
     return Path(resume)
+
+
+def _epoch_file(path: Path, run_dir: Path) -> Path:
+    """An open_clip_train epoch_N.pt (continued by mmpretrain.train.open_clip_train), into a run folder
+    without checkpoints: rerunning the command that continued it would otherwise start over from the
+    file and mix two histories in one folder (checkpoint rotation deletes by step number)."""
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        raise UserError(f"train.resume={path}: {run_dir} already holds checkpoints (newest {last.name}); continue "
+                        "them with train.resume=latest, or choose another train.output_dir to start again from the file")
+    return path
 
 
 def load_checkpoint(accelerator, path: Path, loaders: dict[str, Any], *, model, optimizer,

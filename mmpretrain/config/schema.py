@@ -182,7 +182,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """Keep the last this many checkpoints."""
     resume: str | None = None
-    """None, "latest" (the run directory's newest checkpoint), or a checkpoint path."""
+    """None, "latest" (the run directory's newest checkpoint), a checkpoint path, or an open_clip_train
+    epoch_N.pt (weights, AdamW moments and step; into a new train.output_dir)."""
 
 
 @dataclass

@@ -15,7 +15,15 @@ import mmpretrain
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import atomic_dir, writing
 from mmpretrain.models.heads import Heads
-from mmpretrain.models.model_config import STOCK_VOCAB_SIZE, image_size, stock_text_config
+from mmpretrain.models.model_config import (
+    ORIGINAL_LAYOUT_KEY,
+    STOCK_VOCAB_SIZE,
+    TEXT_VOCAB_SIZE,
+    image_size,
+    layout_fits,
+    layout_vocab_size,
+    stock_layout,
+)
 
 # The export layout: open_clip reads the first two files (`local-dir:`), we read all of them.
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -52,35 +60,61 @@ def tokenizer_details(context_length: int) -> dict[str, Any]:
 
 def export_model(model, model_config: dict[str, Any], heads: Heads, out: str | Path, *,
                  overwrite: bool = False, provenance: dict[str, Any] | None = None,
-                 stock_vocab: bool = False) -> Path:
+                 stock_vocab: bool = False, original: dict[str, Any] | None = None) -> Path:
     """Write `model` (a MultitaskModel) to `out`; returns the directory.
 
-    `stock_vocab`: open_clip's stock text layout (model_config.stock_text_config), which loads with
-    the stock config a model came from (`open_clip.create_model(NAME, pretrained=...)`, strict): the
-    token embedding's <mask>/<sep> rows are dropped, and with them the text heads (their decoder is
-    that embedding), which are not written."""
+    Default: mmpretrain's layout (49410 rows, end-of-text pooling) with the text heads; `original`
+    (model_config.original_layout), when given, is noted in mmpretrain_heads.json so that a later
+    export of this directory can still return to it.
+    `stock_vocab`: the layout the model came from (`original`; None: open_clip's stock CLIP layout),
+    which open_clip loads strictly with the user's own config (`open_clip.create_model(NAME,
+    pretrained=...)`): the <mask>/<sep> rows are dropped, and with them the text heads, whose
+    decoders are those rows."""
     from safetensors.torch import save_file
 
+    layout = _layout_to_write(model_config, original) if stock_vocab else None
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export {out}: exists and is not empty; choose another --out or pass --overwrite")
+    tower = model.export_state_dict()
+    head_state = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
+    config = {"model_cfg": model_config, "preprocess_cfg": preprocess_config(model_config)}
+    if layout is not None:
+        tower = _original_rows(tower, layout_vocab_size(layout))
+        head_state, heads = {}, Heads()
+        config = {"model_cfg": layout["model_cfg"], "preprocess_cfg": layout.get("preprocess_cfg") or config["preprocess_cfg"]}
+    meta = {"heads": vars(heads).copy(), "mmpretrain_version": mmpretrain.__version__, "stock_vocab": stock_vocab,
+            **(provenance or {})}
+    if original is not None:
+        meta[ORIGINAL_LAYOUT_KEY] = original
     # a full disk is one line naming the export; atomic_dir removes what was half written
     with writing(out, "free space and rerun the same command"), atomic_dir(out) as tmp:
-        written = stock_text_config(model_config) if stock_vocab else model_config
-        config = {"model_cfg": written, "preprocess_cfg": preprocess_config(model_config)}
         _write_json(tmp / OPEN_CLIP_CONFIG, config)
-        tower = model.export_state_dict()
-        if stock_vocab:
-            tower["token_embedding.weight"] = tower["token_embedding.weight"][:STOCK_VOCAB_SIZE]  # (49408, D)
-            heads = Heads(mlm=False, ar=False)
         save_file(_contiguous(tower), str(tmp / OPEN_CLIP_WEIGHTS))
-        head_state = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
-        if head_state and not stock_vocab:
+        if head_state:
             save_file(_contiguous(head_state), str(tmp / HEADS_WEIGHTS))
-        _write_json(tmp / HEADS_META, {"heads": vars(heads).copy(), "mmpretrain_version": mmpretrain.__version__,
-                                       "stock_vocab": stock_vocab, **(provenance or {})})
-        _write_json(tmp / TOKENIZER_META, tokenizer_details(model_config["text_cfg"].get("context_length", 77)))
+        _write_json(tmp / HEADS_META, meta)
+        if layout is None:  # the original layout has no <mask>/<sep> to describe
+            _write_json(tmp / TOKENIZER_META, tokenizer_details(model_config["text_cfg"].get("context_length", 77)))
     return out
+
+
+def _layout_to_write(model_config: dict[str, Any], original: dict[str, Any] | None) -> dict[str, Any]:
+    layout = original if original is not None else stock_layout(model_config)
+    size = layout_vocab_size(layout)
+    if size != STOCK_VOCAB_SIZE:
+        raise UserError(f"export --stock-vocab: the model came from {layout['source']}, whose vocabulary has "
+                        f"{size} tokens, not CLIP's {STOCK_VOCAB_SIZE}; export without --stock-vocab")
+    if not layout_fits(layout, model_config):
+        raise UserError(f"export --stock-vocab: the remembered original ({layout['source']}) is not the "
+                        "architecture of these weights; export without --stock-vocab")
+    return layout
+
+
+def _original_rows(tower: dict, vocab_size: int) -> dict:
+    """The tower's vocabulary-shaped tensors cut back to the original vocabulary (its first rows: the
+    added tokens were appended, see weights.with_vocab_rows)."""
+    return {k: v[:vocab_size] if v.ndim and v.shape[0] == TEXT_VOCAB_SIZE else v for k, v in tower.items()}
 
 
 def _contiguous(state: dict) -> dict:

@@ -7,8 +7,9 @@ names (`ViT-L-14`, `convnext_base`, ...). Our text trunk needs three things open
 do not say, so stock configs (vocab_size 49408, argmax pooling) are adapted in memory and the change
 logged: the vocabulary holds `<mask>` and `<sep>` (49410 rows), and text is pooled at the end-of-text
 token ("eos" pooling with id 49407). For texts without the two added tokens this computes exactly
-what the stock config does (49407 is the largest id, so argmax finds the same position), and
-`export --stock-vocab` writes the stock layout back. Other vocabularies are an error.
+what the stock config does (49407 is the largest id, so argmax finds the same position). The
+original layout is remembered (`original_layout`; checkpoints keep it) and `mmpretrain export
+--stock-vocab` writes it back. Other vocabularies in a file are an error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 TEXT_VOCAB_SIZE = 49410
 STOCK_VOCAB_SIZE = 49408  # open_clip's CLIP BPE configs
 EOT_ID = 49407
+ORIGINAL_LAYOUT_KEY = "original_layout"  # where checkpoint.json / mmpretrain_heads.json keep it
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"  # package data: in every install, editable or not
 
@@ -41,75 +43,128 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+# The original layout of every stock config this process loaded, by the name it was loaded under: the
+# trainer hands checkpoint_meta only the adapted config and its training config (which holds the
+# name), so the checkpoint looks the original up here instead of reading the file again mid-run.
+_REMEMBERED: dict[str, dict[str, Any] | None] = {}
+
+
 def load_model_config(name_or_path: str) -> dict[str, Any]:
-    """The validated config dict for a file path, a shipped name, or an open_clip built-in name."""
+    """The validated config dict for a file path (a model JSON or an open_clip_config.json), a shipped
+    name, or an open_clip built-in name; stock layouts are adapted (one warning line)."""
+    raw, source, builtin = _read_config(name_or_path)
+    _REMEMBERED[name_or_path] = original_layout(raw, source, builtin=builtin)
+    if builtin:  # open_clip's own names are always adapted, as before stock files were accepted
+        return validate_model_config(adapt_open_clip_config(raw, source), source)
+    return model_config_from(raw, source)
+
+
+def remembered_layout(name_or_path: str) -> dict[str, Any] | None:
+    """The original layout behind `load_model_config(name_or_path)` (None: mmpretrain's layout as is)."""
+    if name_or_path not in _REMEMBERED:
+        load_model_config(name_or_path)
+    return copy.deepcopy(_REMEMBERED[name_or_path])
+
+
+def _read_config(name_or_path: str) -> tuple[Any, str, bool]:
+    """(the config as written, where it came from, whether it is an open_clip built-in)."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise UserError(f"model config {name_or_path}: no such file (give a .json path or one of "
                             f"{', '.join(shipped_configs())})")
-        return model_config_from(_read_json(path), str(path))
+        return _read_json(path), str(path), False
     shipped = CONFIG_DIR / f"{name_or_path}.json"
     if shipped.is_file():
-        return validate_model_config(_read_json(shipped), str(shipped))
+        return _read_json(shipped), str(shipped), False
     from open_clip.factory import get_model_config  # only here: importing open_clip takes ~25 s
 
     builtin = get_model_config(name_or_path)
     if builtin is None:
         raise UserError(f"model config {name_or_path!r}: not a file, not in {CONFIG_DIR} "
                         f"({', '.join(shipped_configs())}) and not an open_clip model name")
-    return validate_model_config(adapt_open_clip_config(builtin, f"open_clip:{name_or_path}"), f"open_clip:{name_or_path}")
+    return builtin, f"open_clip:{name_or_path}", True
 
 
 def model_config_from(cfg: Any, source: str) -> dict[str, Any]:
     """A config read from anywhere (a file, an export's open_clip_config.json): unwrapped, a stock text
-    layout adapted, validated."""
-    return validate_model_config(_stock_to_ours(_unwrap(cfg, source), source), source)
+    layout adapted (one warning line), validated."""
+    model = _unwrap(cfg)
+    return validate_model_config(adapt_open_clip_config(model, source) if is_stock(model) else model, source)
 
 
 def is_stock(cfg: Any) -> bool:
-    """Whether a config (or open_clip_config.json) has open_clip's stock text layout."""
-    text = _unwrap(cfg, "").get("text_cfg") if isinstance(cfg, dict) else None
+    """Whether a config (or open_clip_config.json) has open_clip's stock text layout: the CLIP BPE
+    vocabulary (49408) and argmax pooling."""
+    text = _unwrap(cfg).get("text_cfg") if isinstance(cfg, dict) else None
     return isinstance(text, dict) and (text.get("vocab_size", STOCK_VOCAB_SIZE) == STOCK_VOCAB_SIZE
                                        and text.get("pool_type", "argmax") == "argmax" and "eos_id" not in text)
 
 
-def adapt_open_clip_config(cfg: dict[str, Any], source: str = "open_clip config") -> dict[str, Any]:
-    """An open_clip stock config with our vocabulary size and end-of-text pooling (logged)."""
-    cfg = copy.deepcopy(cfg)
-    text = cfg.setdefault("text_cfg", {})
-    changed = {k: v for k, v in (("vocab_size", TEXT_VOCAB_SIZE), ("pool_type", "eos"), ("eos_id", EOT_ID))
-               if text.get(k) != v}
-    text.update(changed)
-    if changed:
-        log.warning("mmpretrain: %s has the stock CLIP text layout (vocab_size %s); extended to %s rows for "
-                    "<mask>/<sep> with end-of-text pooling in memory (text_cfg %s); `mmpretrain export "
-                    "--stock-vocab` writes the stock layout back", source, STOCK_VOCAB_SIZE, TEXT_VOCAB_SIZE, changed)
-    return cfg
+def original_layout(raw: Any, source: str, *, builtin: bool = False) -> dict[str, Any] | None:
+    """What a checkpoint remembers of a config we adapt, so that `export --stock-vocab` can write
+    it back: {"source", "model_cfg" as written, "preprocess_cfg" when an open_clip_config.json had one}.
+    None for configs in mmpretrain's layout, which are used as they are."""
+    model = _unwrap(raw)
+    if not (builtin or is_stock(model)):
+        return None
+    layout = {"source": source, "model_cfg": copy.deepcopy(model)}
+    if model is not raw and isinstance(raw.get("preprocess_cfg"), dict):
+        layout["preprocess_cfg"] = copy.deepcopy(raw["preprocess_cfg"])
+    return layout
 
 
-def stock_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Our config in open_clip's stock text layout: vocab_size 49408, default (argmax) pooling."""
+def stock_layout(cfg: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's stock text layout of one of our configs (vocab_size 49408, default argmax pooling):
+    the original of a model built from mmpretrain's own configs, which came from open_clip's."""
     cfg = copy.deepcopy(cfg)
     text = cfg["text_cfg"]
     text["vocab_size"] = STOCK_VOCAB_SIZE
     text.pop("pool_type", None)
     text.pop("eos_id", None)
-    return cfg
+    return {"source": "open_clip's stock CLIP text layout", "model_cfg": cfg}
 
 
-def _unwrap(cfg: Any, source: str) -> Any:
+def layout_vocab_size(layout: dict[str, Any]) -> int:
+    return int(layout["model_cfg"].get("text_cfg", {}).get("vocab_size", STOCK_VOCAB_SIZE))
+
+
+def layout_fits(layout: Any, cfg: dict[str, Any]) -> bool:
+    """Whether `layout` (a remembered original) adapts to exactly the config `cfg` (nothing logged)."""
+    try:
+        model = layout["model_cfg"]
+        return validate_model_config(_adapted(model)[0] if is_stock(model) else model, "") == cfg
+    except (UserError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def adapt_open_clip_config(cfg: dict[str, Any], source: str = "open_clip config") -> dict[str, Any]:
+    """An open_clip config with our vocabulary size and end-of-text pooling; the change is one warning."""
+    adapted, changed = _adapted(cfg)
+    if changed:
+        had = cfg.get("text_cfg", {}).get("vocab_size", STOCK_VOCAB_SIZE)
+        log.warning("mmpretrain: %s has vocab_size %s; extended to %s for <mask>/<sep> in memory, pooled at "
+                    "end-of-text (text_cfg %s; `mmpretrain export --stock-vocab` writes the original back)",
+                    source, had, TEXT_VOCAB_SIZE, changed)
+    return adapted
+
+
+def _adapted(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    # End-of-text pooling: argmax pooling would pick <mask>/<sep> (ids 49408, 49409 > 49407); for
+    # texts without them both pool at the same position, so features equal the stock model's.
+    cfg = copy.deepcopy(cfg)
+    text = cfg.setdefault("text_cfg", {})
+    changed = {k: v for k, v in (("vocab_size", TEXT_VOCAB_SIZE), ("pool_type", "eos"), ("eos_id", EOT_ID))
+               if text.get(k) != v}
+    text.update(changed)
+    return cfg, changed
+
+
+def _unwrap(cfg: Any) -> Any:
     """The model of an open_clip model directory's open_clip_config.json ({"model_cfg", "preprocess_cfg"})."""
     if isinstance(cfg, dict) and "model_cfg" in cfg and "embed_dim" not in cfg:
-        if source:
-            log.info("mmpretrain: %s is an open_clip_config.json; using its model_cfg", source)
         return cfg["model_cfg"]
     return cfg
-
-
-def _stock_to_ours(cfg: Any, source: str) -> Any:
-    """A config in the stock text layout is adapted like open_clip's built-ins; ours pass as they are."""
-    return adapt_open_clip_config(cfg, source) if is_stock(cfg) else cfg
 
 
 def validate_model_config(cfg: Any, source: str) -> dict[str, Any]:

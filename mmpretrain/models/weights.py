@@ -4,7 +4,7 @@ Accepts what people have on disk: open_clip release files (`open_clip_model.safe
 `open_clip_pytorch_model.bin`), open_clip_train checkpoints (`{"state_dict": ...}` with `module.`
 prefixes), `torch.compile`d models (`_orig_mod.`), and our own checkpoints (`tower.` prefix; heads are
 ignored here). Differences that have one right answer are fixed and reported: a 49408-row token
-embedding gains rows for `<mask>`/`<sep>` (initialised to the mean embedding, which keeps the new
+embedding gains rows for `<mask>`/`<sep>` (`with_vocab_rows`: the mean embedding, which keeps the new
 tokens' logits ordinary under the tied decoders), positional embeddings are resized to the model's
 image grid / context length. Anything else is a mismatch listed in a one-line error.
 """
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpretrain.errors import UserError
+from mmpretrain.models.model_config import STOCK_VOCAB_SIZE, TEXT_VOCAB_SIZE
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate, torch.compile
 _PREFIXES = (*WRAPPER_PREFIXES, "tower.")  # and our checkpoints' dual tower
@@ -114,16 +115,35 @@ def _tower_keys(state: dict[str, Tensor], report: LoadReport) -> dict[str, Tenso
 
 
 def _extend_vocab(state: dict[str, Tensor], model_state: dict[str, Tensor], report: LoadReport) -> None:
-    key = "token_embedding.weight"
-    if key not in state or key not in model_state:
-        return
-    have, want = state[key].shape[0], model_state[key].shape[0]
-    if have >= want or state[key].shape[1:] != model_state[key].shape[1:]:
-        return  # equal, or a mismatch that `mismatch` reports
-    old = state[key]  # (V_file, D)
-    extra = old.float().mean(dim=0, keepdim=True).to(old.dtype).expand(want - have, -1)  # (V_new, D)
-    state[key] = torch.cat([old, extra], dim=0)  # (V, D)
-    report.extended_vocab = (have, want)
+    """Every vocabulary-shaped tensor of a stock file (the token embedding; in files of ours the MLM
+    bias too) gains the model's rows for <mask>/<sep>."""
+    for key, value in state.items():
+        if key in model_state and is_vocab_extension(tuple(value.shape), tuple(model_state[key].shape)):
+            state[key] = with_vocab_rows(value, fill="mean")
+            report.extended_vocab = (value.shape[0], model_state[key].shape[0])
+
+
+def is_vocab_extension(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """A tensor of the stock CLIP vocabulary (49408 rows) where the model has ours (49410 rows)."""
+    return len(have) >= 1 and have[0] == STOCK_VOCAB_SIZE and tuple(want) == (TEXT_VOCAB_SIZE, *have[1:])
+
+
+def with_vocab_rows(value: Tensor, *, fill: str) -> Tensor:
+    """`value` (49408, ...) with the rows of <mask> and <sep> appended: (49410, ...).
+
+    fill="mean" (weights): the mean row, deterministic, and under the tied decoders it gives the new
+    tokens the average logit of every context, so they are neither favoured nor ruled out before they
+    are trained (a zero or random row would be one or the other). fill="zeros" (optimizer moments):
+    no gradient seen yet, which is what AdamW's state of a new parameter is.
+    """
+    rows = TEXT_VOCAB_SIZE - value.shape[0]
+    if fill == "mean":
+        extra = value.float().mean(dim=0, keepdim=True).to(value.dtype).expand(rows, *value.shape[1:])
+    elif fill == "zeros":
+        extra = value.new_zeros((rows, *value.shape[1:]))
+    else:
+        raise ValueError(f"fill = {fill!r}: must be 'mean' or 'zeros'")
+    return torch.cat([value, extra], dim=0)  # (V, ...)
 
 
 def mismatch(state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.errors import UserError
-from mmpretrain.models.weights import load_open_clip_weights
+from mmpretrain.models.weights import load_open_clip_weights, strip_prefixes
 from mmpretrain.train.optim import no_weight_decay
 
 
@@ -51,10 +51,22 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def open_clip_train_order(tower: torch.nn.Module) -> list[str]:
-    """Names of `tower`'s trainable parameters in open_clip_train's optimizer index order."""
-    named = [(n, p) for n, p in tower.named_parameters() if p.requires_grad]
-    return [n for n, p in named if no_weight_decay(n, p)] + [n for n, p in named if not no_weight_decay(n, p)]
+def open_clip_train_groups(tower: torch.nn.Module, saved_names) -> list[list[str]]:
+    """Names of `tower`'s trainable parameters that the saved model had (`saved_names`), in
+    open_clip_train's two AdamW groups ([no decay, decay]), each in `named_parameters()` order."""
+    named = [(n, p) for n, p in tower.named_parameters() if p.requires_grad and n in saved_names]
+    return [[n for n, p in named if no_weight_decay(n, p)], [n for n, p in named if not no_weight_decay(n, p)]]
+
+
+def _names_by_index(path: Path, saved: dict, groups: list[list[str]]) -> dict[int, str]:
+    """open_clip_train's optimizer index -> parameter name, group by group; a different split is one line."""
+    sizes = [len(g.get("params", [])) for g in saved.get("param_groups", [])]
+    if sizes != [len(g) for g in groups]:
+        raise UserError(f"train.resume={path}: its AdamW groups hold {'+'.join(map(str, sizes)) or 'no'} parameters, "
+                        f"open_clip_train's grouping of this model's tower gives {len(groups[0])}+{len(groups[1])} "
+                        "(no decay + decay); continue with the architecture and lock settings that run used (and "
+                        "its default --opt adamw), or start from its weights with model.pretrained")
+    return {int(i): n for g, names in zip(saved["param_groups"], groups) for i, n in zip(g["params"], names)}
 
 
 def continue_open_clip_train(path: str | Path, model, optimizer) -> tuple[int, list[str]]:
@@ -64,22 +76,22 @@ def continue_open_clip_train(path: str | Path, model, optimizer) -> tuple[int, l
     ckpt = read_checkpoint(path)
     load_open_clip_weights(model.tower, path)  # open_clip's reader: "state_dict", "module." prefixes, vocab
     model.clamp_logit_scale_()
-    names = open_clip_train_order(model.tower)
     saved = ckpt["optimizer"]
-    indices = [i for g in saved.get("param_groups", []) for i in g.get("params", [])]
-    if sorted(indices) != list(range(len(names))):
-        raise UserError(f"train.resume={path}: its optimizer holds {len(indices)} parameters, this model's dual "
-                        f"tower {len(names)} (open_clip_train's order); continue with the architecture and "
-                        "lock settings that run used, or start from its weights with model.pretrained")
+    # our tower may have parameters theirs had not (a SigLIP logit_bias): those start fresh
+    names = _names_by_index(path, saved, open_clip_train_groups(model.tower, set(strip_prefixes(ckpt["state_dict"]))))
     params = dict(model.named_parameters())
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     steps = set()
     for index, values in saved["state"].items():
-        param = params[f"tower.{names[int(index)]}"]
-        values = _extend_rows(values, param) if names[int(index)] == "token_embedding.weight" else values
+        name = names.get(int(index))
+        param = params[f"tower.{name}"] if name is not None else None
+        if param is None:
+            raise UserError(f"train.resume={path}: optimizer state {index} belongs to no parameter of its groups; "
+                            "the file is damaged or not open_clip_train's")
+        values = _extend_rows(values, param) if name == "token_embedding.weight" else values
         if tuple(values["exp_avg"].shape) != tuple(param.shape):
             raise UserError(f"train.resume={path}: optimizer state {index} has shape {tuple(values['exp_avg'].shape)}, "
-                            f"parameter {names[int(index)]} {tuple(param.shape)}; not this architecture's run")
+                            f"parameter {name} {tuple(param.shape)}; not this architecture's run")
         optimizer.state[param] = _adamw_state(values, param, group_of[id(param)])
         steps.add(int(values["step"]))
     fresh = [n for n, p in params.items() if p.requires_grad and p not in optimizer.state]

@@ -12,7 +12,6 @@ process at the same step.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -157,7 +156,7 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             for what in sections_off(cfg):
-                print(f"mmpretrain train: off: {what}", file=sys.stderr)
+                print(f"mmpretrain train: off: {what}", flush=True)  # stdout: stderr is for what went wrong
         acc.wait_for_everyone()
         log = RunLog(acc, run_dir, cfg.logging.project, config_to_dict(cfg), cfg.logging.trackers)
         try:
@@ -176,7 +175,7 @@ class Trainer:
         seek_scheduler(self.scheduler, self.step)
         if self.accelerator.is_main_process:
             for note in notes:
-                print(f"mmpretrain train: {note}", file=sys.stderr)
+                print(f"mmpretrain train: {note}", flush=True)
 
     def _loop(self, loaders: dict[str, Loader], log: RunLog, resumed_from) -> dict[str, Any]:
         cfg, acc, k = self.cfg, self.accelerator, self.cfg.train.accum_steps
