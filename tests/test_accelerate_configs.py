@@ -153,8 +153,9 @@ def test_fsdp_flags_on_a_cpu_machine_say_the_run_is_ddp(tmp_path):
     """Without sync_module_states accelerate drops the FSDP request on CPU (MULTI_CPU is never promoted
     to FSDP) without a word; the run says so, once."""
     script = tmp_path / "which.py"
-    script.write_text("from mmpretrain.runtime import make_accelerator\n"
-                      "a = make_accelerator()\nprint('type', a.process_index, a.distributed_type.value)\n")
+    # one write per line: the two ranks share the pipe, and print() writes its arguments separately
+    script.write_text("import os\nfrom mmpretrain.runtime import make_accelerator\na = make_accelerator()\n"
+                      "os.write(1, f'type {a.process_index} {a.distributed_type.value}\\n'.encode())\n")
     proc = _cpu_launch(["--use_fsdp", "--fsdp_version", "2"], str(script))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("type")) == [
