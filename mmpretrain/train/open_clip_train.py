@@ -101,7 +101,7 @@ def continue_open_clip_train(path: str | Path, model, optimizer) -> tuple[int, l
              f"GradScaler{' (present)' if 'scaler' in ckpt else ''}, data position and RNG"]
     if fresh:
         notes.append(f"{len(fresh)} parameters without a counterpart start with fresh AdamW state "
-                     f"({', '.join(sorted({n.split('.')[0] for n in fresh}))})")
+                     f"({', '.join(sorted({n.removeprefix('tower.').split('.')[0] for n in fresh}))})")
     return max(steps), notes
 
 
