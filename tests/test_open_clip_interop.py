@@ -192,3 +192,27 @@ def test_train_resume_takes_an_epoch_file_and_says_what_carried_over(stock, epoc
     assert main(["train", "--config", str(ROOT / CONFIG), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no optimizer state" in err and "model.pretrained=" in err
+
+
+def test_an_epoch_file_of_another_grouping_is_one_line(stock, epoch_file, tmp_path):
+    """An optimizer split otherwise than open_clip_train's default AdamW (same total) is refused in one
+    line, not mapped onto the wrong parameters."""
+    from mmpretrain.config import OptimConfig
+    from mmpretrain.models import build_model
+    from mmpretrain.train.open_clip_train import continue_open_clip_train
+    from mmpretrain.train.optim import build_optimizer
+
+    path, _ = stock
+    ckpt, _, _ = epoch_file
+    saved = torch.load(ckpt, weights_only=True)
+    groups = saved["optimizer"]["param_groups"]
+    groups[1]["params"].insert(0, groups[0]["params"].pop())  # one parameter moved to the decay group
+    other = tmp_path / "epoch_9.pt"
+    torch.save(saved, other)
+    model = build_model(load_model_config(str(path)), heads=Heads())
+    opt = build_optimizer(model, OptimConfig())
+    with pytest.raises(UserError) as info:
+        continue_open_clip_train(other, model, opt)
+    message = str(info.value)
+    assert "\n" not in message and "its AdamW groups hold" in message and "model.pretrained" in message
+    assert not opt.state  # nothing was half loaded into the optimizer

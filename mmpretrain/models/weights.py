@@ -48,7 +48,6 @@ def _refusal(exc: Exception) -> str:
 def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
     """Load `path` into `tower` (open_clip CLIP) in place; raises UserError on any real mismatch."""
     from open_clip.factory import load_state_dict  # imported here: open_clip takes ~25 s to import
-    from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
     path = Path(path)
     if not path.is_file():
@@ -65,7 +64,15 @@ def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
     except Exception as exc:  # torch/safetensors raise many types for corrupt or foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(f"weights {path}: cannot read ({type(exc).__name__}: {first})") from None
-    report = LoadReport(str(path))
+    return load_tower_state(tower, state, path)
+
+
+def load_tower_state(tower: nn.Module, state: dict[str, Tensor], where: str | Path) -> LoadReport:
+    """`state` (an open_clip state dict already in memory, wrapper prefixes allowed) into `tower`, with
+    the fixes and checks of load_open_clip_weights; `where` names it in errors."""
+    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+    report = LoadReport(str(where))
     state = _tower_keys(state, report)
     model_state = tower.state_dict()
     _extend_vocab(state, model_state, report)
@@ -79,7 +86,7 @@ def load_open_clip_weights(tower: nn.Module, path: str | Path) -> LoadReport:
         resize_text_pos_embed(state, tower)
     problem = mismatch(state, shapes_of(model_state))
     if problem:
-        raise UserError(f"weights {path} do not fit this model config: {problem}; "
+        raise UserError(f"weights {where} do not fit this model config: {problem}; "
                         "use the model config the weights were trained with")
     tower.load_state_dict(state, strict=True)
     return report

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.errors import UserError
-from mmpretrain.models.weights import load_open_clip_weights, strip_prefixes
+from mmpretrain.models.weights import is_vocab_extension, load_tower_state, strip_prefixes, with_vocab_rows
 from mmpretrain.train.optim import no_weight_decay
 
 
@@ -74,7 +74,7 @@ def continue_open_clip_train(path: str | Path, model, optimizer) -> tuple[int, l
     torch AdamW); returns (global step, notes for the log). Every process calls it (DDP)."""
     path = Path(path)
     ckpt = read_checkpoint(path)
-    load_open_clip_weights(model.tower, path)  # open_clip's reader: "state_dict", "module." prefixes, vocab
+    load_tower_state(model.tower, ckpt["state_dict"], path)  # "module." prefixes, the vocabulary rows
     model.clamp_logit_scale_()
     saved = ckpt["optimizer"]
     # our tower may have parameters theirs had not (a SigLIP logit_bias): those start fresh
@@ -88,7 +88,7 @@ def continue_open_clip_train(path: str | Path, model, optimizer) -> tuple[int, l
         if param is None:
             raise UserError(f"train.resume={path}: optimizer state {index} belongs to no parameter of its groups; "
                             "the file is damaged or not open_clip_train's")
-        values = _extend_rows(values, param) if name == "token_embedding.weight" else values
+        values = _with_vocab_rows(values, param)
         if tuple(values["exp_avg"].shape) != tuple(param.shape):
             raise UserError(f"train.resume={path}: optimizer state {index} has shape {tuple(values['exp_avg'].shape)}, "
                             f"parameter {name} {tuple(param.shape)}; not this architecture's run")
@@ -105,15 +105,11 @@ def continue_open_clip_train(path: str | Path, model, optimizer) -> tuple[int, l
     return max(steps), notes
 
 
-def _extend_rows(values: dict, param: torch.Tensor) -> dict:
-    """Moments of a 49408-row token embedding for our 49410 rows (<mask>, <sep>): zeros, as AdamW
-    starts any parameter; the weights' new rows are initialised by models.weights."""
-    have, want = values["exp_avg"].shape[0], param.shape[0]
-    if have >= want or values["exp_avg"].shape[1:] != param.shape[1:]:
-        return values
-    pad = {k: torch.cat([v, v.new_zeros(want - have, *v.shape[1:])]) for k, v in values.items()
-           if torch.is_tensor(v) and v.dim() == param.dim()}  # (V, D)
-    return {**values, **pad}
+def _with_vocab_rows(values: dict, param: torch.Tensor) -> dict:
+    """Moments of a 49408-row tensor (the token embedding) for our 49410 rows: zeros for <mask>/<sep>,
+    as AdamW starts any parameter (models.weights.with_vocab_rows; the weights' rows are its mean)."""
+    return {k: with_vocab_rows(v, fill="zeros") if torch.is_tensor(v) and is_vocab_extension(
+        tuple(v.shape), tuple(param.shape)) else v for k, v in values.items()}
 
 
 def _adamw_state(values: dict, param: torch.Tensor, group: dict) -> dict:
