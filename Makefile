@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# uv resolves the regular torch/torchvision wheels (a CPU-only torch wheel breaks torchvision imports).
 	# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set, every python start would
 	# otherwise compile torch & co. again (~20 s per process on 2 cores; tests and the demo start dozens).
-	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev,s3,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)
