@@ -63,23 +63,49 @@ def writing(path: str | os.PathLike, hint: str | None = None) -> Iterator[None]:
         raise
 
 
+class AtomicFile:
+    """A binary file that becomes `path` on commit() (temp file in the same folder, fsync, rename);
+    discard() removes the temp file and leaves `path` untouched. `file` is the open temp file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.tmp, self.file = Path(tmp), os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data)
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.tmp, 0o644)  # mkstemp creates 0600
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass  # closing flushes; on a full disk that fails again, and the file is dropped anyway
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file that becomes `path` when the block ends without error (temp file in the same
-    folder, fsync, rename); on error the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A binary file that becomes `path` when the block ends without error (AtomicFile); on error
+    the temp file is removed and `path` is untouched."""
+    out = AtomicFile(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        yield out.file
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        out.discard()
         raise
+    out.commit()
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_open
+from mmpretrain.fileio import AtomicFile
 
 READ_BLOCK = 8 * 2**20  # read-ahead per open remote file: the memory a streamed shard holds
 WRITE_BLOCK = 16 * 2**20  # multipart part size: an upload holds one part in memory
@@ -91,6 +91,11 @@ def filesystem(url: str):
         raise UserError(f"{url}: not a storage URL fsspec knows ({e})") from None
 
 
+class Missing(UserError):
+    """A UserError for a file or object that does not exist (callers that treat a vanished file
+    apart, like the shard reader, catch this one)."""
+
+
 @contextmanager
 def errors(url: str, doing: str = "read") -> Iterator[None]:
     """Storage failures as one line naming `url`: missing, refused, unreachable."""
@@ -99,7 +104,7 @@ def errors(url: str, doing: str = "read") -> Iterator[None]:
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{url} does not exist; check the path") from None
+        raise Missing(f"{url} does not exist; check the path") from None
     except (PermissionError, OSError, ValueError) as e:
         if _is_auth(e):
             hint = _CREDENTIALS_HINT.get(scheme(url), "check the credentials for this storage")
@@ -221,41 +226,67 @@ def remove(url: str | os.PathLike, recursive: bool = False) -> None:
             pass
 
 
+def move(src: str, dst: str) -> None:
+    """Move a file within one store: a rename locally (atomic), a server-side copy then delete remotely
+    (the destination appears whole)."""
+    if is_local(src) and is_local(dst):
+        os.makedirs(os.path.dirname(local_path(dst)) or ".", exist_ok=True)
+        os.replace(local_path(src), local_path(dst))
+        return
+    fs, path = filesystem(src)
+    with errors(src, "move"):
+        fs.mv(path, filesystem(dst)[1])
+
+
 def makedirs(url: str | os.PathLike) -> None:
     """A local folder is created; an object store has no folders to create."""
     if is_local(url):
         os.makedirs(local_path(url), exist_ok=True)
 
 
+class _ObjectUpload:
+    """An object that appears only when commit() completes its upload; discard() aborts it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        fs, path = filesystem(url)
+        with errors(url, "write"):
+            self.file = fs.open(path, "wb", block_size=WRITE_BLOCK)
+
+    def write(self, data: bytes) -> int:
+        with errors(self.url, "write"):
+            return self.file.write(data)
+
+    def commit(self) -> None:
+        with errors(self.url, "write"):
+            self.file.close()  # completes the upload: the object appears now, whole
+
+    def discard(self) -> None:
+        try:
+            if hasattr(self.file, "discard"):
+                self.file.discard()  # s3fs: aborts the multipart upload
+                self.file.closed = True  # nothing is flushed on garbage collection
+            else:
+                self.file.close()
+        except Exception:
+            pass  # the upload is gone either way; the caller's exception is the one to see
+
+
+def atomic_file(url: str | os.PathLike):
+    """A file with write(), commit() and discard(): it appears at `url`, whole, on commit() only."""
+    return AtomicFile(local_path(url)) if is_local(url) else _ObjectUpload(str(url))
+
+
 @contextmanager
 def atomic_writer(url: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file that appears at `url` only when the block ends without error."""
-    if is_local(url):
-        with atomic_open(local_path(url)) as fh:
-            yield fh
-        return
-    fs, path = filesystem(str(url))
-    with errors(str(url), "write"):
-        fh = fs.open(path, "wb", block_size=WRITE_BLOCK)
+    out = atomic_file(url)
     try:
-        yield fh
+        yield out.file
     except BaseException:
-        _discard(fh)
+        out.discard()
         raise
-    with errors(str(url), "write"):
-        fh.close()  # completes the upload: the object appears now, whole
-
-
-def _discard(fh) -> None:
-    """Abort an upload (no object appears); a file system without the notion just closes."""
-    try:
-        if hasattr(fh, "discard"):
-            fh.discard()  # s3fs: aborts the multipart upload
-            fh.closed = True
-        else:
-            fh.close()
-    except Exception:
-        pass  # the upload is gone either way; the caller's exception is the one to see
+    out.commit()
 
 
 def write_bytes(url: str | os.PathLike, data: str | bytes) -> None:

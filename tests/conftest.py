@@ -3,11 +3,13 @@ import each other's private helpers."""
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
 import torch
-from helpers import write_shards
+from helpers import free_port, write_shards
+from s3server import S3Server
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -90,3 +92,35 @@ def shards(tmp_path_factory):
     """(image-text pattern, text pattern): 24 image-caption samples in shards of 13 and 11, 18 texts in 9 + 9."""
     root = tmp_path_factory.mktemp("shards")
     return write_shards(root / "img", [13, 11]), write_shards(root / "txt", [9, 9], text_only=True)
+
+
+# -- object storage: a real S3-compatible server (moto) on 127.0.0.1 ------------------------------
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3Server (tests/s3server.py) for the session, its endpoint and dummy credentials in
+    os.environ (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) so that botocore/s3fs in this process and
+    subprocesses started with helpers.subprocess_env() reach it; the environment is restored after.
+    `s3.upload(folder, "s3://bucket/prefix")`, `s3.keys(url)`, `s3.new_bucket()`."""
+    server = S3Server(free_port(), tmp_path_factory.mktemp("s3") / "moto.log").start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3):
+    """A fresh, empty bucket on the `s3` server: "s3://NAME". Cached s3fs instances (and their
+    listings) are dropped before and after, so each test sees the store as it is."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3.new_bucket()
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -21,7 +21,7 @@ def test_tiny_model_learns_on_the_demo_data(tmp_path):
     raw, shards = tmp_path / "raw", tmp_path / "shards"
     generate_demo_data(raw, num_images=800, image_size=64, seed=0, num_documents=200)
     assert main(["prepare", str(raw / "folder"), str(raw / "manifest.csv"), "--out", str(shards), "--image-size",
-                 "64", "--workers", "1", "--val-fraction", "0.15", "--shard-size", "400", "--no-progress"]) == 0
+                 "64", "--workers", "1", "--val-fraction", "0.15", "--shard-size", "300", "--no-progress"]) == 0
     cfg = load_config(ROOT / "configs" / "train" / "tiny.yaml", [
         f"data.train_shards={shards}/train", "data.text_shards=[]", "data.text_batch_size=16", "data.num_workers=1",
         f"train.steps={STEPS}", "train.checkpoint_every=0", "schedule.warmup_steps=10", "eval.every=0",

@@ -117,12 +117,12 @@ class _Killed(Exception):
 
 
 def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, monkeypatch):
-    from mmpretrain.prepare import pipeline
+    from mmpretrain.prepare import engines
 
     manifest = _write(tmp_path, "parquet", _rows(tmp_path, LABELS))
     whole, again = tmp_path / "whole", tmp_path / "again"
     assert main(["prepare", str(manifest), "--out", str(whole), *COMMON]) == 0
-    original, seen = pipeline._Run._consume, {"n": 0}
+    original, seen = engines.LocalEngine._consume, {"n": 0}
 
     def dying_consume(self, result):
         seen["n"] += 1
@@ -130,11 +130,11 @@ def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, monkeypatch):
             raise _Killed
         original(self, result)
 
-    monkeypatch.setattr(pipeline._Run, "_consume", dying_consume)
+    monkeypatch.setattr(engines.LocalEngine, "_consume", dying_consume)
     with pytest.raises(_Killed):
         main(["prepare", str(manifest), "--out", str(again), *COMMON])
     assert not (again / "dataset.json").exists()
-    monkeypatch.setattr(pipeline._Run, "_consume", original)
+    monkeypatch.setattr(engines.LocalEngine, "_consume", original)
     assert main(["prepare", str(manifest), "--out", str(again), *COMMON]) == 0
     files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from mmpretrain.cli import main
-from mmpretrain.prepare import pipeline
+from mmpretrain.prepare import engines
 from mmpretrain.shards.writer import ShardSequence
 
 QUIET = ["--no-progress", "--image-size", "32"]
@@ -275,7 +275,7 @@ def test_resume_after_kill_is_identical(tmp_path, monkeypatch, kill_at):
     assert main(["prepare", str(tmp_path / "src"), "--out", str(ref), *args]) == 0
 
     out = tmp_path / "out"
-    original = pipeline._Run._consume
+    original = engines.LocalEngine._consume
     seen = {"n": 0}
 
     def dying_consume(self, result):
@@ -284,12 +284,12 @@ def test_resume_after_kill_is_identical(tmp_path, monkeypatch, kill_at):
             raise _Killed
         original(self, result)
 
-    monkeypatch.setattr(pipeline._Run, "_consume", dying_consume)
+    monkeypatch.setattr(engines.LocalEngine, "_consume", dying_consume)
     monkeypatch.setattr(ShardSequence, "abandon", lambda self: None)  # a kill leaves temp files behind
     with pytest.raises(_Killed):
         main(["prepare", str(tmp_path / "src"), "--out", str(out), *args])
     assert not (out / "dataset.json").exists()
-    monkeypatch.setattr(pipeline._Run, "_consume", original)
+    monkeypatch.setattr(engines.LocalEngine, "_consume", original)
     assert main(["prepare", str(tmp_path / "src"), "--out", str(out), *args]) == 0
     assert tree_digest(out) == tree_digest(ref)
     assert counts(out) == counts(ref)
@@ -305,9 +305,9 @@ def test_sigkill_then_rerun_resumes(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mmpretrain.cli", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / ".prepare" / "state.json"
+    blocks = out / ".prepare" / "blocks"
     deadline = time.time() + 60
-    while not _progressed(state) and proc.poll() is None and time.time() < deadline:
+    while not _progressed(blocks) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
     proc.send_signal(signal.SIGKILL)
@@ -318,11 +318,11 @@ def test_sigkill_then_rerun_resumes(tmp_path):
     assert counts(out) == counts(ref)
 
 
-def _progressed(state: Path) -> bool:
-    """True once the run has checkpointed a finished shard."""
+def _progressed(blocks: Path) -> bool:
+    """True once the run has finished a block (its summary is written last)."""
     try:
-        return json.loads(state.read_text())["next_index"] > 0
-    except (OSError, ValueError, KeyError):
+        return any(p.suffix == ".json" for p in blocks.iterdir())
+    except OSError:
         return False
 
 

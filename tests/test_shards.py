@@ -283,8 +283,8 @@ def test_dataset_root_of_any_pattern(tmp_path):
     assert find_root(root / "val") is None and dataset_root(str(root / "val")) is None
     (root / "dataset.json").write_text("{}")
     for pattern in ("val", "val/*.tar", "val/s-{000000..000001}.tar", "val/s-000001.tar"):
-        assert dataset_root(str(root / pattern)) == root, pattern
-    assert dataset_root(str(root)) == root
+        assert dataset_root(str(root / pattern)) == str(root), pattern
+    assert dataset_root(str(root)) == str(root)
     assert dataset_root(f"pipe:cat {root}/val/s-000000.tar") is None
 
 

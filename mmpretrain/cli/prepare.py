@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="folder (IMAGE + same-stem .txt), class-folder tree, CSV/TSV/JSONL/Parquet manifest, "
                         "tar shards (path, directory, brace pattern), or text files with --text-only")
-    p.add_argument("--out", required=True, help="output folder, e.g. shards/NAME")
+    p.add_argument("--out", required=True, help="output folder, e.g. shards/NAME, or a storage URL (s3://bucket/NAME, "
+                                                "any fsspec URL; credentials from the standard places, e.g. AWS_*)")
     p.add_argument("--name", help="shard file prefix (default: the output folder's name)")
     p.add_argument("--format", choices=KINDS, help="source kind, when detection from the path is not enough")
     g = p.add_argument_group("manifest columns")
@@ -55,17 +56,33 @@ def add_parser(sub) -> None:
     g.add_argument("--max-bytes", type=positive_int, default=20_000_000)
     g.add_argument("--max-redirects", type=int, default=5)
     g = p.add_argument_group("output")
-    g.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard")
-    g.add_argument("--max-shard-bytes", type=int, default=0, help="also cap shard bytes (0: no cap)")
+    g.add_argument("--shard-size", type=positive_int, default=10_000,
+                   help="inputs per train shard (it holds fewer: failures, val samples, duplicates); samples per "
+                        "val shard. Also the unit of work of parts and engines")
+    g.add_argument("--max-shard-bytes", type=int, default=0,
+                   help="also cap shard bytes: a train shard over it continues in NAME-{n}_1.tar ... (0: no cap)")
     g.add_argument("--val-fraction", type=fraction, default=0.01,
                    help="share of samples in val/, chosen by content hash")
     g.add_argument("--dedupe", action="store_true", help="drop exact duplicate images (counted)")
     g.add_argument("--follow-symlinks", action="store_true",
                    help="follow links in folder sources that point outside the folder (default: recorded as "
                         "outside_source failures)")
-    g.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1))
+    g = p.add_argument_group("running it (none of these changes the output)")
+    g.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
+                   help="image processes (local engine)")
     g.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--num-parts", type=positive_int, default=1,
+                   help="split the work into N parts (whole shards each) to run on N machines against one --out; "
+                        "e.g. a Slurm array (pipelines/recipes/prepare-slurm-array.sbatch)")
+    g.add_argument("--part", type=int, default=0, help="which part this run does: 0 .. N-1")
+    g.add_argument("--finalize", action="store_true",
+                   help="only write sizes.json, stats.json, failures.jsonl and dataset.json once all parts are "
+                        "done (the last part to finish does this by itself)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this machine; ray: shard-sized tasks on the Ray cluster named by RAY_ADDRESS "
+                        "or --ray-address (pip install 'mmpretrain-clip[ray]')")
+    g.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_run_prepare)
 
 
@@ -98,10 +115,12 @@ def _run_prepare(args) -> int:
         shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction,
         dedupe=args.dedupe, follow_symlinks=args.follow_symlinks, workers=args.workers, threads=args.threads,
         in_flight=args.in_flight or 0, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, num_parts=args.num_parts, part=args.part, finalize_only=args.finalize,
+        engine=args.engine, ray_address=args.ray_address,
     )
     stats = run_prepare(args.sources, opts)
-    print(prepare_summary(stats, args.out))
+    if stats is not None:
+        print(prepare_summary(stats, args.out))
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpretrain import storage
 from mmpretrain.errors import UserError
 from mmpretrain.eval.retrieval import (
     EvalInputError,
@@ -171,8 +172,8 @@ def zeroshot_prompts(classnames: str | None, templates: str | None, shards: Sequ
                                          builtin_classnames), classnames
         _check_count(names, classnames, shards)
     if templates is None:
-        found = [root / BENCHMARK_TEMPLATES for root in _roots(shards) if (root / BENCHMARK_TEMPLATES).is_file()]
-        prompts, prompts_from = (load_templates(found[0]), str(found[0])) if found else (list(DEFAULT_TEMPLATES), "default")
+        found = [f for f in (storage.join(root, BENCHMARK_TEMPLATES) for root in _roots(shards)) if storage.isfile(f)]
+        prompts, prompts_from = (load_templates(found[0]), found[0]) if found else (list(DEFAULT_TEMPLATES), "default")
     else:
         prompts, prompts_from = _file_or_set(templates, "--templates", TEMPLATE_SETS, load_templates,
                                              builtin_templates), templates
@@ -194,7 +195,7 @@ def _check_count(names: list[str], given: str, shards: Sequence[str]) -> None:
 
 def _file_or_set(value: str, flag: str, sets: tuple[str, ...], load_file, load_set) -> list[str]:
     """An existing file wins over a built-in set of the same name."""
-    if Path(value).is_file():
+    if storage.isfile(value):
         return load_file(value)
     if value in sets:
         return load_set(value)
@@ -202,7 +203,7 @@ def _file_or_set(value: str, flag: str, sets: tuple[str, ...], load_file, load_s
                          "give a file with one entry per line or a built-in name")
 
 
-def _roots(patterns: Sequence[str]) -> list[Path]:
+def _roots(patterns: Sequence[str]) -> list[str]:
     return [root for root in map(dataset_root, patterns) if root is not None]
 
 
@@ -215,14 +216,15 @@ def classnames_from_shards(patterns: Sequence[str]) -> tuple[list[str], str]:
     """
     found: dict[str, list[str]] = {}
     for root in _roots(patterns):
+        dataset, names = storage.join(root, DATASET), storage.join(root, BENCHMARK_CLASSNAMES)
         try:
-            classes = json.loads((root / DATASET).read_text(encoding="utf-8")).get("classes")
-        except (OSError, ValueError, AttributeError):
+            classes = json.loads(storage.read_text(dataset)).get("classes")
+        except (OSError, ValueError, AttributeError, storage.Missing):
             classes = None
         if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
-            found[str(root / DATASET)] = classes
-        elif (root / BENCHMARK_CLASSNAMES).is_file():
-            found[str(root / BENCHMARK_CLASSNAMES)] = load_classnames(root / BENCHMARK_CLASSNAMES)
+            found[dataset] = classes
+        elif storage.isfile(names):
+            found[names] = load_classnames(names)
     if not found:
         raise EvalInputError(f"zeroshot: no class names for {', '.join(patterns)}: no dataset.json with "
                              "\"classes\" (or classnames.txt) beside the shards; pass --classnames FILE (one name "

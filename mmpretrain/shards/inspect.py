@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from mmpretrain import storage
 from mmpretrain.errors import UserError
 from mmpretrain.shards.format import (
     CAPTION_EXT,
@@ -37,11 +38,11 @@ from mmpretrain.shards.layout import (
     STATS,
     find_root,
     img2dataset_stats,
-    split_name,
+    split_of,
     split_shards,
 )
-from mmpretrain.shards.reader import ShardError, iter_tar_samples
-from mmpretrain.shards.resolve import expand
+from mmpretrain.shards.reader import ShardError, is_listable, iter_tar_samples
+from mmpretrain.shards.resolve import expand, is_folder, missing
 
 MAX_PROBLEMS = 50
 # Contact sheet geometry, in pixels; tests compute the expected size from these.
@@ -111,26 +112,33 @@ def _summary(values) -> dict | None:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
 
 
-def _resolve(target: str) -> tuple[dict[str, list[Path]], Path | None, bool, list[Path]]:
-    """Return ({split: shard paths}, dataset root or None, whether whole directories were listed,
-    paths a brace pattern named that do not exist)."""
-    path = Path(target)
-    if path.is_dir():
-        splits = split_shards(path)
+def _resolve(target: str) -> tuple[dict[str, list[str]], str | None, bool, list[str]]:
+    """Return ({split: shard paths or URLs}, dataset root or None, whether whole directories were
+    listed, paths a brace pattern named that do not exist)."""
+    if not is_listable(target):
+        raise UserError(f"{target}: inspect reads local paths and storage URLs (s3://…), not pipe: or "
+                        "http(s) URLs; download the shards or give their storage URL")
+    if is_folder(target):
+        splits = split_shards(target)
         if not splits:
             raise UserError(f"no .tar shards in {target} or its split folders; point inspect at the output "
                             "of `mmpretrain prepare` or a pattern like DIR/*.tar")
-        return splits, find_root(path), True, []
-    found = [Path(p) for p in expand(target)]
-    existing = list(dict.fromkeys(p for p in found if p.is_file()))
+        return splits, find_root(target), True, []
+    found = list(dict.fromkeys(p if storage.is_url(p) else os.path.normpath(p) for p in expand(target)))
+    absent = set(missing(found))
+    existing = [p for p in found if p not in absent]
     if not existing:
         raise UserError(f"no shards found at {target}; give a directory, a .tar file or a pattern "
                         "like shards/NAME/train/NAME-{000000..000009}.tar")
-    splits: dict[str, list[Path]] = {}
+    splits: dict[str, list[str]] = {}
+    split_of_folder = {folder: split_of(folder) for folder in dict.fromkeys(_folder(p) for p in existing)}
     for p in existing:
-        splits.setdefault(split_name(p), []).append(p)
-    missing = [p for p in dict.fromkeys(found) if not p.is_file()]
-    return splits, find_root(existing[0].parent), False, missing
+        splits.setdefault(split_of_folder[_folder(p)], []).append(p)
+    return splits, find_root(_folder(existing[0])), False, [p for p in found if p in absent]
+
+
+def _folder(path: str) -> str:
+    return storage.parent(path) or "."
 
 
 class _Scan:
@@ -139,8 +147,8 @@ class _Scan:
     def __init__(self):
         self.widths, self.heights, self.chars, self.words = (array("l") for _ in range(4))
         self.labels: Counter = Counter()
-        self.seen: dict[str, Path] = {}
-        self.no_image: list[tuple[Path, str]] = []
+        self.seen: dict[str, str] = {}
+        self.no_image: list[tuple[str, str]] = []
         self.no_image_count = 0
         self.any_image = False
         self.problems: list[str] = []
@@ -151,10 +159,10 @@ class _Scan:
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
 
-    def shard(self, path: Path) -> int:
+    def shard(self, path: str) -> int:
         n = 0
         try:
-            for sample in iter_tar_samples(str(path)):
+            for sample in iter_tar_samples(path):
                 n += 1
                 self.sample(path, sample["__key__"], member_bytes(sample))
         except ShardError as e:
@@ -162,7 +170,7 @@ class _Scan:
             self.problem(f"{path}: unreadable tar after {e.samples} samples ({why}); re-create or delete this shard")
         return n
 
-    def sample(self, path: Path, key: str, members: dict[str, bytes]) -> None:
+    def sample(self, path: str, key: str, members: dict[str, bytes]) -> None:
         if (other := self.seen.get(key)) is not None:
             where = "twice in this shard" if other == path else f"also in {other}"
             self.problem(f"{path}: sample {key} is a duplicate key, {where}")
@@ -179,7 +187,7 @@ class _Scan:
         if LABEL_EXT in members:
             self.labels[members[LABEL_EXT].strip()] += 1
 
-    def _image(self, path: Path, key: str, ext: str, data: bytes) -> None:
+    def _image(self, path: str, key: str, ext: str, data: bytes) -> None:
         try:
             with Image.open(io.BytesIO(data)) as im:  # reads the header only, no decode
                 w, h = im.size
@@ -189,7 +197,7 @@ class _Scan:
         self.widths.append(w)
         self.heights.append(h)
 
-    def _caption(self, path: Path, key: str, data: bytes | None) -> None:
+    def _caption(self, path: str, key: str, data: bytes | None) -> None:
         if problem := caption_problem(data):
             return self.problem(f"{path}: sample {key} {_CAPTION_PROBLEMS[problem]}")
         text = data.decode("utf-8")
@@ -197,29 +205,33 @@ class _Scan:
         self.words.append(len(text.split()))
 
 
-def _read_json(path: Path, scan: _Scan) -> dict | None:
+def _read_json(path: str, scan: _Scan) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return json.loads(storage.read_text(path)) if storage.isfile(path) else None
     except (OSError, ValueError) as e:
         scan.problem(f"{path}: not readable JSON ({e})")
+    except UserError as e:  # remote: refused or gone between listing and reading
+        scan.problem(str(e))
 
 
-def _failure_reasons(root: Path | None, shards: list[Path], scan: _Scan) -> tuple[dict[str, int], str | None]:
+def _failure_reasons(root: str | None, shards: list[str], scan: _Scan) -> tuple[dict[str, int], str | None]:
     """(reasons -> count, where they were read): prepare's stats.json or failures.jsonl, else the
     `status_dict`s of img2dataset's per-shard NNNNN_stats.json files."""
-    stats = _read_json(root / STATS, scan) if root else None
+    stats = _read_json(storage.join(root, STATS), scan) if root else None
     if isinstance(stats, dict) and isinstance(stats.get("reasons"), dict):
-        return {str(k): int(v) for k, v in stats["reasons"].items()}, str(root / STATS)
+        return {str(k): int(v) for k, v in stats["reasons"].items()}, storage.join(root, STATS)
     reasons: Counter = Counter()
-    path = root / FAILURES if root else None
-    if path is not None and path.is_file():
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    path = storage.join(root, FAILURES) if root else None
+    if path is not None and storage.isfile(path):
+        for i, line in enumerate(storage.read_text(path).splitlines(), 1):
             try:
                 reasons[str(json.loads(line).get("reason", "unknown"))] += 1
             except (ValueError, AttributeError):
                 scan.problem(f"{path}: line {i} is not a JSON object")
-        return dict(reasons), str(path)
-    found = [f for f in map(img2dataset_stats, shards) if f.is_file()]
+        return dict(reasons), path
+    stats_files = list(map(img2dataset_stats, shards))
+    absent = set(missing(stats_files))  # one listing per remote folder
+    found = [f for f in stats_files if f not in absent]
     for f in found:
         status = (_read_json(f, scan) or {}).get("status_dict")
         if isinstance(status, dict):  # {"success": n, "<error message>": m, ...}
@@ -227,21 +239,21 @@ def _failure_reasons(root: Path | None, shards: list[Path], scan: _Scan) -> tupl
     return dict(reasons), (f"{len(found)} img2dataset *_stats.json files" if found else None)
 
 
-def _check_sizes(counts: dict[Path, int], whole_dirs: bool, scan: _Scan) -> bool | None:
+def _check_sizes(counts: dict[str, int], whole_dirs: bool, scan: _Scan) -> bool | None:
     agree = None
-    for folder in dict.fromkeys(p.parent for p in counts):
-        sizes = _read_json(folder / SIZES, scan)
+    for folder in dict.fromkeys(map(_folder, counts)):
+        sizes = _read_json(storage.join(folder, SIZES), scan)
         if not isinstance(sizes, dict):
             continue
         agree = True if agree is None else agree
-        listed = {n for n in sizes if whole_dirs or folder / n in counts}
-        for name in sorted(listed | {p.name for p in counts if p.parent == folder}):
-            actual = counts.get(folder / name)
+        listed = {n for n in sizes if whole_dirs or storage.join(folder, n) in counts}
+        for name in sorted(listed | {storage.name(p) for p in counts if _folder(p) == folder}):
+            actual = counts.get(storage.join(folder, name))
             if actual is None or sizes.get(name) != actual:
                 agree = False
                 said = "is not listed" if name not in sizes else f"lists {sizes[name]} samples"
                 has = "no such shard exists" if actual is None else f"the shard has {actual}"
-                scan.problem(f"{folder / SIZES}: {name} {said}, {has}; re-run prepare or fix sizes.json")
+                scan.problem(f"{storage.join(folder, SIZES)}: {name} {said}, {has}; re-run prepare or fix sizes.json")
     return agree
 
 
@@ -258,7 +270,7 @@ def _font():
         return ImageFont.load_default()
 
 
-def _pick(counts: dict[Path, int], n: int) -> dict[Path, set[int]]:
+def _pick(counts: dict[str, int], n: int) -> dict[str, set[int]]:
     """n sample positions spread evenly over all samples in shard order: {shard: {index in shard}}."""
     total = sum(counts.values())
     k = min(n, total)
@@ -270,11 +282,11 @@ def _pick(counts: dict[Path, int], n: int) -> dict[Path, set[int]]:
     return picked
 
 
-def _thumbs(picked: dict[Path, set[int]]) -> list[tuple[Image.Image, str]]:
+def _thumbs(picked: dict[str, set[int]]) -> list[tuple[Image.Image, str]]:
     out = []
     for path, indices in picked.items():
         try:
-            for sample in iter_tar_samples(str(path), min(indices), max(indices) + 1):
+            for sample in iter_tar_samples(path, min(indices), max(indices) + 1):
                 image = image_ext(sample)
                 if sample["__index__"] in indices and image is not None:
                     caption = sample.get(CAPTION_EXT, b"").decode("utf-8", "replace")
@@ -324,7 +336,7 @@ def inspect_shards(target: str, grid: Path | None = None, grid_samples: int = 32
         sizes = [counts[p] for p in shards]
         report.splits[name] = SplitReport(len(shards), sum(sizes), {
             "min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)})
-    meta = _read_json(root / DATASET, scan) if root else None
+    meta = _read_json(storage.join(root, DATASET), scan) if root else None
     report.text_only = (isinstance(meta, dict) and meta.get("kind") == "text") or not scan.any_image
     if not report.text_only:
         for path, key in scan.no_image:

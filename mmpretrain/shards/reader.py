@@ -28,11 +28,14 @@ import os
 import tarfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+from mmpretrain import storage
 from mmpretrain.errors import UserError
 from mmpretrain.shards.format import split_member
 
-REMOTE_SCHEMES = ("pipe:", "http://", "https://", "gs://", "s3://")
+# Opened by webdataset's gopen (a command's stdout, an HTTP GET); every other URL through storage.
+GOPEN_SCHEMES = ("pipe:", "http://", "https://")
 
 # What a ShardError says is wrong: stable words, written into metrics.jsonl's "data" lines.
 UNREADABLE = "unreadable"  # cut inside a member, a broken gzip stream, or not a tar at all
@@ -72,8 +75,14 @@ def shard_error(url: str, problem: str, samples: int, reason: str = "") -> Shard
 
 
 def is_remote(url: str) -> bool:
-    """A URL the reader streams (webdataset's gopen) rather than a local file it can seek in."""
-    return url.startswith(REMOTE_SCHEMES)
+    """A URL the reader streams (pipe:, http(s) through webdataset's gopen; s3://, gs://, any other
+    fsspec URL through storage) rather than a local file (or file:// URL) it can seek in."""
+    return url.startswith(GOPEN_SCHEMES) or not storage.is_local(url)
+
+
+def is_listable(url: str) -> bool:
+    """A local path or a storage URL, whose folder can be listed (pipe: and http(s) cannot)."""
+    return not url.startswith(GOPEN_SCHEMES)
 
 
 def iter_tar_samples(url: str, start: int = 0, stop: int | None = None, size: int | None = None,
@@ -129,6 +138,8 @@ def _samples(url: str, start: int, stop: int | None, size: int | None, read: boo
                 raise shard_error(url, NO_END_MARKER, max(index, 0))
             if key is not None and index >= start:
                 yield sample
+    except storage.Missing:  # an object deleted after it was listed
+        raise shard_error(url, MISSING, 0, "no such object") from None
     except _READ_ERRORS as e:
         if isinstance(e, FileNotFoundError) and index < 0 and not stream:  # deleted after it was listed
             raise shard_error(url, MISSING, 0, e.strerror or "no such file") from None
@@ -180,9 +191,42 @@ def _ended(tar: tarfile.TarFile) -> bool:
     return tar.fileobj.tell() >= tar.offset + tarfile.BLOCKSIZE
 
 
-def _open(url: str) -> tarfile.TarFile:
-    if is_remote(url):
-        # webdataset's gopen handles pipe:, http(s), and the cloud schemes users already configure.
+@contextmanager
+def _open(url: str) -> Iterator[tarfile.TarFile]:
+    if url.startswith(GOPEN_SCHEMES):
+        # webdataset's gopen: pipe: commands and http(s), as users already write them for webdataset.
         gopen = importlib.import_module("webdataset.gopen").gopen
-        return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
-    return tarfile.open(url, mode="r:*")
+        with tarfile.open(fileobj=gopen(url, "rb"), mode="r|*") as tar:
+            yield tar
+    elif is_remote(url):
+        # Streamed, never downloaded whole: storage reads ahead READ_BLOCK bytes at a time.
+        raw = _StorageReads(storage.open_read(url))
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                yield tar
+        finally:
+            raw.close()  # tarfile leaves a file it was given open
+    else:
+        with tarfile.open(storage.local_path(url), mode="r:*") as tar:
+            yield tar
+
+
+class _StorageReads:
+    """A remote file whose read failures are OSErrors, whatever the client raised. s3fs and botocore
+    retry transient failures themselves; what is left once they give up (a botocore
+    EndpointConnectionError, an aiohttp payload error: not OSErrors) is a shard that could not be
+    read to its end, and goes the way of every other ShardError."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.file.read(size)
+        except (OSError, UserError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any client failure inside a read is a read failure
+            raise OSError(f"reading failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,16 +1,14 @@
-"""Shard writing that survives a kill: tars stream into hidden temp files and are renamed when
-complete; a small state file (rewritten atomically after every finished shard) says how far the
-input stream got, so a re-run rebuilds only what was unfinished and ends byte-identical."""
+"""Shard writing: the tar bytes of a sample (fixed order and mtime, so the same samples give the
+same bytes everywhere) and sequences of shards that each appear only when complete."""
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 
-from mmpretrain.fileio import atomic_write, writing  # atomic_write: prepare's modules import it from here
-from mmpretrain.shards.layout import SIZES, shard_name
+from mmpretrain import storage
+from mmpretrain.fileio import writing
+from mmpretrain.shards.layout import shard_name
 
 # Fixed tar member mtime: the same samples give the same bytes on every run and machine.
 TAR_MTIME = 0
@@ -70,93 +68,63 @@ def ustar_header(name: str, size: int) -> bytes:
     return header[:148] + b"%06o\0" % sum(header) + header[155:]
 
 
-@dataclass
 class ShardSequence:
-    """The shards of one split: DIR/NAME-000000.tar, DIR/NAME-000001.tar, ..."""
+    """Samples into consecutive shards in a folder (a local path or a storage URL), cut by a sample
+    count and/or a byte cap. Each shard appears only once complete (storage.atomic_file: temp file
+    and rename, or an upload completed last), so a kill never leaves a half shard under a real name.
 
-    dir: Path
-    name: str
-    shard_size: int
-    max_bytes: int = 0  # 0 = no byte limit
-    next_shard: int = 0
-    sizes: dict[str, int] = field(default_factory=dict)  # finished shard file -> samples
-    pending: list[list] = field(default_factory=list)  # [index, digest] of samples in the open shard
-    _writer: TarSampleWriter | None = None
-    _fh: object = None
-    _bytes: int = 0
+    `names(k)` is the file name of the k-th shard: NAME-000000.tar, ... for a dense sequence
+    (`dense_names`), or one block's names (`block_names`)."""
 
-    def shard_name(self, number: int) -> str:
-        return shard_name(self.name, number)
+    def __init__(self, folder: str, names: Callable[[int], str], shard_size: int | None = None,
+                 max_bytes: int = 0):
+        self.folder, self.names, self.shard_size, self.max_bytes = folder, names, shard_size, max_bytes
+        self.sizes: dict[str, int] = {}  # finished shard file -> samples, in order
+        self._out, self._writer, self._count, self._bytes = None, None, 0, 0
 
-    def add(self, key: str, members: dict[str, bytes], index: int, digest: str) -> list[list]:
-        """Write one sample; returns the [index, digest] pairs of shards finished by this call.
-        A full disk is a DiskFull naming the shard."""
-        finished: list[list] = []
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Write one sample. A full disk is a DiskFull naming the shard."""
         size = tar_bytes(members)
-        if self.pending and self.max_bytes and self._bytes + size > self.max_bytes:
-            finished += self._close()
-        with writing(self.dir / self.shard_name(self.next_shard)):
+        if self._count and self.max_bytes and self._bytes + size > self.max_bytes:
+            self._close()
+        url = storage.join(self.folder, self.names(len(self.sizes)))
+        with writing(url):
             if self._writer is None:
-                self._open()
+                self._out = storage.atomic_file(url)
+                self._writer = TarSampleWriter(self._out)
             self._writer.write(key, members)
-        self.pending.append([index, digest])
+        self._count += 1
         self._bytes += size
-        if len(self.pending) >= self.shard_size:
-            finished += self._close()
-        return finished
+        if self.shard_size is not None and self._count >= self.shard_size:
+            self._close()
 
-    def finish(self) -> list[list]:
-        return self._close() if self.pending else []
+    def finish(self) -> dict[str, int]:
+        if self._writer is not None:
+            self._close()
+        return self.sizes
 
-    def _temp(self, number: int) -> Path:
-        return self.dir / f".{self.shard_name(number)}.tmp"
-
-    def _open(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self._temp(self.next_shard), "wb")  # noqa: SIM115 - closed in _close
-        self._writer = TarSampleWriter(self._fh)
-        self._bytes = 0
-
-    def _close(self) -> list[list]:
-        temp, final = self._temp(self.next_shard), self.dir / self.shard_name(self.next_shard)
-        with writing(final):
+    def _close(self) -> None:
+        name = self.names(len(self.sizes))
+        with writing(storage.join(self.folder, name)):
             self._writer.close()
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-        os.replace(temp, final)
-        self.sizes[final.name] = len(self.pending)
-        self.next_shard += 1
-        done, self.pending, self._writer, self._fh = self.pending, [], None, None
-        return done
+            self._out.commit()
+        self.sizes[name] = self._count
+        self._out, self._writer, self._count, self._bytes = None, None, 0, 0
 
     def abandon(self) -> None:
-        """Drop the open temp shard (on error or interrupt): nothing half-written stays behind."""
-        if self._writer is not None:
-            try:
-                self._fh.close()
-            except OSError:
-                pass  # closing flushes; on a full disk that fails again, and the file is dropped anyway
-            finally:
-                self._temp(self.next_shard).unlink(missing_ok=True)
-                self._writer = None
+        """Drop the open shard (on error or interrupt): nothing half-written stays behind."""
+        if self._out is not None:
+            self._out.discard()
+            self._out, self._writer = None, None
 
-    def clean_stale(self) -> None:
-        """After a kill: remove temp files and shards past the last recorded one (they are rebuilt)."""
-        if not self.dir.is_dir():
-            return
-        for path in self.dir.iterdir():
-            stale_temp = path.name.startswith(f".{self.name}-") and path.name.endswith(".tmp")
-            if stale_temp or (path.name.startswith(f"{self.name}-") and path.name not in self.sizes
-                              and path.name.endswith(".tar")):
-                path.unlink()
 
-    def write_sizes(self) -> None:
-        if self.sizes:
-            atomic_write(self.dir / SIZES, json.dumps(self.sizes, indent=2) + "\n")
+def dense_names(name: str) -> Callable[[int], str]:
+    """NAME-000000.tar, NAME-000001.tar, ...: shards filled one after another."""
+    return partial(shard_name, name)
 
-    def to_state(self) -> dict:
-        return {"next_shard": self.next_shard, "sizes": self.sizes, "pending": self.pending}
 
-    def load_state(self, state: dict) -> None:
-        self.next_shard, self.sizes, self.pending = state["next_shard"], dict(state["sizes"]), []
+def block_names(name: str, block: int) -> Callable[[int], str]:
+    """The shards of input block `block`: NAME-{block}.tar, then (only when a byte cap cuts the
+    block) NAME-{block}_1.tar, NAME-{block}_2.tar, ... (sorted names keep the input order)."""
+    first = shard_name(name, block)
+    return lambda k: first if k == 0 else f"{first[:-len('.tar')]}_{k}.tar"
