@@ -207,6 +207,17 @@ def glob(pattern: str) -> list[str]:
     return sorted(fs.unstrip_protocol(p) for p in found)
 
 
+def find(url: str | os.PathLike) -> list[str]:
+    """Every file below a folder (an object prefix), at any depth, sorted; [] when there is none."""
+    if is_local(url):
+        root = local_path(url)
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    fs, path = filesystem(str(url))
+    with errors(str(url), "list"):
+        found = fs.find(path)
+    return sorted(fs.unstrip_protocol(p) for p in found)
+
+
 def remove(url: str | os.PathLike, recursive: bool = False) -> None:
     """Remove a file (or a folder with `recursive`); nothing there is not an error."""
     if is_local(url):

@@ -56,7 +56,8 @@ def read_shards(split_dir: Path) -> dict[str, dict[str, bytes]]:
 
 def tree_digest(out: Path) -> dict[str, str]:
     """sha256 of every shard and of the files whose bytes must not depend on how the run went."""
-    files = sorted(out.glob("*/*.tar")) + sorted(out.glob("*/sizes.json")) + [out / "failures.jsonl"]
+    files = [*sorted(out.glob("*/*.tar")), *sorted(out.glob("*/sizes.json")), out / "failures.jsonl",
+             out / "dataset.json"]
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

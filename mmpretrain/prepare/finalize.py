@@ -31,6 +31,11 @@ from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, SPLITS, STATS
 from mmpretrain.shards.reader import iter_tar_samples
 from mmpretrain.shards.writer import ShardSequence, block_names, dense_names
 
+# Options that say how the work is run, not what it produces: left out of the fingerprint and of
+# dataset.json's settings.
+HOW = ("workers", "threads", "in_flight", "overwrite", "progress", "num_parts", "part", "finalize_only",
+       "engine", "ray_address")
+
 
 def missing_blocks(out: str) -> list[int] | None:
     """The blocks not done yet; None while nobody has read the inputs to their end."""
@@ -176,6 +181,7 @@ def _stats(summaries: list[dict], sizes: dict, opts) -> dict:
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(total / elapsed, 1) if elapsed > 0 else None,
         "settings": settings(opts),
+        "command": sys.argv,
     }
 
 
@@ -195,19 +201,24 @@ def _dataset_info(name: str, plan: dict, sizes: dict, opts) -> dict:
         "name": name,
         "kind": "text" if opts.text_only else "image-text",
         "mmpretrain_version": mmpretrain.__version__,
-        "command": sys.argv,
         "sources": [{"path": str(p), "kind": k} for p, k in zip(plan["resolved"], plan["kinds"])],
         "classes": plan["classes"] or None,
         "splits": {s: {"shards": sorted(sizes[s]), "samples": sum(sizes[s].values())} for s in SPLITS if sizes[s]},
-        "settings": settings(opts),
+        "settings": settings(opts, how=False),
         "fingerprint": plan["fingerprint"],
     }
 
 
-def settings(opts) -> dict:
+def settings(opts, how: bool = True) -> dict:
+    """The options as JSON; without `how`, only those that decide the output (dataset.json is then
+    the same bytes for a plain run, N parts, any engine and any --out; stats.json says how it ran)."""
     from dataclasses import asdict
 
-    return json.loads(json.dumps(asdict(opts), default=str))
+    values = asdict(opts)
+    if not how:
+        for key in (*HOW, "out"):  # where it lies is where it is read from
+            values.pop(key)
+    return json.loads(json.dumps(values, default=str))
 
 
 def _remove_temp_files(out: str, name: str) -> None:

@@ -19,7 +19,7 @@ from mmpretrain.errors import UserError
 from mmpretrain.prepare.blocks import PLAN, WORK_DIR, work_url
 from mmpretrain.prepare.engines import LocalEngine, streams
 from mmpretrain.prepare.fetch import FetchOptions
-from mmpretrain.prepare.finalize import check_complete, finalize, missing_blocks
+from mmpretrain.prepare.finalize import HOW, check_complete, finalize, missing_blocks
 from mmpretrain.prepare.images import ImageOptions
 from mmpretrain.prepare.sources import (
     MANIFESTS,
@@ -33,9 +33,6 @@ from mmpretrain.shards.layout import DATASET, FAILURES, SIZES, SPLITS, STATS
 
 OUTPUT_FILES = (SIZES, STATS, FAILURES, DATASET)
 ENGINES = ("local", "ray")
-# How the work is run, not what it produces: left out of the fingerprint.
-_HOW = ("workers", "threads", "in_flight", "overwrite", "progress", "num_parts", "part", "finalize_only",
-        "engine", "ray_address")
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,10 @@ class PrepareOptions:
 
     def fingerprint(self, sources: list[str]) -> str:
         settings = asdict(self)
-        for key in _HOW:
+        for key in HOW:
             settings.pop(key)
         settings.pop("fetch")
-        settings["out"] = _out_url(settings["out"])  # the folder, however it was spelled
+        settings.pop("out")  # a dataset copied elsewhere is the same dataset
         blob = json.dumps({"settings": settings, "sources": sources}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -78,6 +75,7 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict | None:
     """Returns the stats dict (also written to stats.json), or None when other parts are still to
     finish (this part's blocks are done)."""
     _check_parts(opts)
+    sources = [storage.local_path(s) for s in sources]  # file:// URLs are local paths
     out = _out_url(opts.out)
     plan = _plan(sources, opts, out)
     fingerprint = plan["fingerprint"] = opts.fingerprint([str(p) for p in plan["resolved"]])
@@ -166,7 +164,7 @@ def _classes(sources: list[str], kinds: list[str], opts: PrepareOptions) -> tupl
     folders = _folder_classes(sources, kinds)
     found, named = set(folders), []
     for source, kind in zip(sources, kinds):
-        names = manifest_label_names(Path(source), kind, opts.columns) if kind in MANIFESTS else None
+        names = manifest_label_names(source, kind, opts.columns) if kind in MANIFESTS else None
         named.append(names is not None)
         found.update(names or ())
     given = list(opts.columns.classnames)

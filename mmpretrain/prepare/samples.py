@@ -6,7 +6,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from mmpretrain.errors import SampleError
+from mmpretrain import storage
+from mmpretrain.errors import SampleError, UserError
 from mmpretrain.prepare.captions import clean_caption, decode_text
 from mmpretrain.prepare.images import ImageOptions, process_image
 from mmpretrain.prepare.sources import Input
@@ -86,6 +87,13 @@ def _image_sample(inp: Input, opts: ImageOptions) -> Result:
 def _read(path: str | None, what: str) -> bytes:
     if path is None:
         raise SampleError(f"missing_{what}", "no path")
+    if not storage.is_local(path):  # a key in object storage (a manifest's row there)
+        try:
+            return storage.read_bytes(path)
+        except storage.Missing:
+            raise SampleError("missing_file", f"{what} file not found: {path}") from None
+        except UserError as e:
+            raise SampleError("unreadable_file", f"{what} file {path}: {e}") from None
     try:
         with open(path, "rb") as fh:
             return fh.read()

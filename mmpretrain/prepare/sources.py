@@ -3,6 +3,10 @@
 Order is fixed (sorted folder walks, manifest row order, tar member order) because the position
 of an input in the stream is its sample key, and byte-identical shards depend on it.
 
+Manifests, tar shards and text files may be fsspec URLs (s3://bucket/list.parquet): they are
+streamed through `storage`, and a manifest's relative image paths are then keys beside it. Folder
+sources are local (or mounted) folders.
+
 A folder source reads only what lies inside it: a file that is a link resolving outside the folder
 (`ln -s /etc/passwd c.txt`) becomes an `outside_source` failure, unless `--follow-symlinks` says
 otherwise; links to directories are not walked unless it does either. A `.tar` source's members
@@ -12,13 +16,16 @@ are size-checked from their headers before they are read (`too_large`, `--max-by
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmpretrain import storage
 from mmpretrain.errors import UserError
 from mmpretrain.prepare.labels import LabelMap, column_names, has_names
 from mmpretrain.shards.format import (
@@ -31,6 +38,7 @@ from mmpretrain.shards.format import (
 )
 from mmpretrain.shards.reader import ShardError, iter_tar_samples, too_large
 from mmpretrain.shards.resolve import expand
+from mmpretrain.shards.resolve import missing as missing_shards
 
 # Image files a source folder may hold (Pillow reads them all; `prepare` re-encodes them). Not the
 # image members of a shard: those are shards.format.IMAGE_EXTS.
@@ -47,7 +55,7 @@ class Input:
     """One would-be sample. Only cheap facts are gathered here; bytes are read by the workers."""
 
     source: str  # path, URL or shard#key: what failures.jsonl names
-    image: str | None = None  # local path or http(s) URL
+    image: str | None = None  # local path, http(s) URL or storage URL (s3://...)
     data: bytes | None = None  # image bytes already in hand (tar sources, after download)
     caption: str | bytes | None = None
     caption_path: str | None = None
@@ -87,6 +95,8 @@ def detect_kind(source: str, text_only: bool = False) -> str:
         return "text"
     if any(c in source for c in "{*?[") or source.endswith(".tar"):
         return "wds"
+    if not storage.is_local(source):
+        return _remote_kind(source)
     path = Path(source)
     if not path.exists():
         raise UserError(f"source {source} does not exist; check the path")
@@ -111,6 +121,19 @@ def detect_kind(source: str, text_only: bool = False) -> str:
         if any(_is_image(n) for n in names) and not any(n.endswith(".txt") for n in names):
             return "classes"
     return "folder"
+
+
+def _remote_kind(source: str) -> str:
+    """A URL source: a manifest by its extension, or a prefix of tar shards."""
+    kind = MANIFEST_KINDS.get(posixpath.splitext(source)[1].lower())
+    if kind is not None:
+        if not storage.isfile(source):
+            raise UserError(f"source {source} does not exist; check the URL")
+        return kind
+    if storage.isdir(source):
+        return "wds"
+    raise UserError(f"source {source} does not exist, or is not a manifest ({', '.join(MANIFEST_KINDS)}) "
+                    "or a prefix of .tar shards; check the URL or pass --format")
 
 
 def _is_image(name: str) -> bool:
@@ -140,7 +163,7 @@ def iter_inputs(source: str, kind: str, columns: ColumnOptions, classes: list[st
     if kind == "classes":
         return iter_class_folders(Path(source), classes, columns.caption_template, read)
     if kind in MANIFESTS:
-        return iter_manifest(Path(source), kind, columns, labels)
+        return iter_manifest(source, kind, columns, labels)
     if kind == "wds":
         return iter_tars(source, read)
     raise UserError(f"source {source}: kind '{kind}' is not an image-text source; use --text-only for text")
@@ -233,12 +256,13 @@ def _within(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def iter_manifest(path: Path, kind: str, columns: ColumnOptions, labels: LabelMap = LabelMap()) -> Iterator[Input]:
-    rows, names = _manifest_rows(path, kind)
+def iter_manifest(source: str, kind: str, columns: ColumnOptions, labels: LabelMap = LabelMap()) -> Iterator[Input]:
+    path = _shown(source)
+    rows, names = _manifest_rows(source, kind)
     image_col = _pick_column(path, names, columns.image, IMAGE_COLUMNS, "--image-column")
     caption_col = _pick_column(path, names, columns.caption, CAPTION_COLUMNS, "--caption-column")
     label_col = _label_column(path, names, columns)
-    base = path.parent
+    base = storage.parent(path)
     for number, row in enumerate(rows, start=1):
         where = f"{path}:{number}"
         if isinstance(row, tuple):  # an unreadable row: (reason, detail)
@@ -247,13 +271,18 @@ def iter_manifest(path: Path, kind: str, columns: ColumnOptions, labels: LabelMa
         yield _row_input(row, where, base, image_col, caption_col, label_col, labels)
 
 
-def _label_column(path: Path, names: list[str], columns: ColumnOptions) -> str | None:
+def _shown(source: str) -> str:
+    """How a manifest is named in failures and errors: a local path normalised, a URL as given."""
+    return source if storage.is_url(source) else str(Path(source))
+
+
+def _label_column(path: str, names: list[str], columns: ColumnOptions) -> str | None:
     if columns.label and columns.label not in names:
         raise UserError(f"manifest {path} has no column '{columns.label}' (--label-column); columns: {names}")
     return columns.label or ("label" if "label" in names else None)
 
 
-def manifest_label_names(path: Path, kind: str, columns: ColumnOptions) -> list[str] | None:
+def manifest_label_names(path: str, kind: str, columns: ColumnOptions) -> list[str] | None:
     """The class names of a manifest's label column: its sorted names (labels.column_names) or, with
     --classnames, that file's names as soon as one name is seen; None when it holds integers only or
     there is no label column. One pass over that column only (parquet reads just it, numeric ones
@@ -263,19 +292,19 @@ def manifest_label_names(path: Path, kind: str, columns: ColumnOptions) -> list[
         return None
     if columns.classnames:
         return list(columns.classnames) if has_names(values) else None
-    return column_names(values, f"label column '{columns.label or 'label'}' of manifest {path}")
+    return column_names(values, f"label column '{columns.label or 'label'}' of manifest {_shown(path)}")
 
 
-def _label_values(path: Path, kind: str, columns: ColumnOptions) -> Iterator | None:
+def _label_values(path: str, kind: str, columns: ColumnOptions) -> Iterator | None:
     """The label column's cells in row order; None when there is none or it can hold no names."""
     if kind != "parquet":
         rows, names = _manifest_rows(path, kind)
-        column = _label_column(path, names, columns)
+        column = _label_column(_shown(path), names, columns)
         return None if column is None else (r.get(column) for r in rows if isinstance(r, dict))
     import pyarrow as pa
 
     pf = _parquet_file(path)
-    column = _label_column(path, list(pf.schema_arrow.names), columns)
+    column = _label_column(_shown(path), list(pf.schema_arrow.names), columns)
     if column is None:
         return None
     kind_of = pf.schema_arrow.field(column).type
@@ -285,7 +314,7 @@ def _label_values(path: Path, kind: str, columns: ColumnOptions) -> Iterator | N
 
 
 def _row_input(
-    row: dict, where: str, base: Path, image_col: str, caption_col: str, label_col: str | None,
+    row: dict, where: str, base: str, image_col: str, caption_col: str, label_col: str | None,
     labels: LabelMap = LabelMap(),
 ) -> Input:
     value = row.get(image_col)
@@ -293,8 +322,8 @@ def _row_input(
     if value is None or str(value).strip() == "":
         return Input(source=where, error=("missing_image", f"row has no value in column '{image_col}'"))
     image = str(value).strip()
-    if not image.startswith(("http://", "https://")):
-        image = str(base / image) if not os.path.isabs(image) else image
+    if not storage.is_url(image) and not os.path.isabs(image):
+        image = storage.join(base, image)  # beside the manifest: a local path, or a key under its URL
     caption = row.get(caption_col)
     caption = (
         None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
@@ -306,9 +335,16 @@ def _row_input(
     return inp
 
 
-def _manifest_rows(path: Path, kind: str) -> tuple[Iterator, list[str]]:
+def _open_text(source: str, newline: str | None = None, errors: str = "strict") -> io.TextIOBase:
+    """A manifest as text: a local file, or a URL streamed through storage."""
+    if storage.is_url(source):
+        return io.TextIOWrapper(storage.open_read(source), encoding="utf-8-sig", newline=newline, errors=errors)
+    return open(source, newline=newline, encoding="utf-8-sig", errors=errors)  # noqa: SIM115 - the caller closes it
+
+
+def _manifest_rows(path: str, kind: str) -> tuple[Iterator, list[str]]:
     if kind in ("csv", "tsv"):
-        fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed by the generator
+        fh = _open_text(path, newline="")
         reader = csv.DictReader(fh, delimiter="," if kind == "csv" else "\t")
         names = list(reader.fieldnames or [])
 
@@ -328,18 +364,19 @@ def _manifest_rows(path: Path, kind: str) -> tuple[Iterator, list[str]]:
     return parquet_rows(), list(pf.schema_arrow.names)
 
 
-def _parquet_file(path: Path):
+def _parquet_file(path: str):
     import pyarrow.parquet as pq
 
+    handle = storage.open_read(path) if storage.is_url(path) else path
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(handle)
     except Exception as e:
-        raise UserError(f"manifest {path} is not a readable parquet file ({e})") from None
+        raise UserError(f"manifest {_shown(path)} is not a readable parquet file ({e})") from None
 
 
-def _jsonl_rows(path: Path) -> tuple[Iterator, list[str]]:
+def _jsonl_rows(path: str) -> tuple[Iterator, list[str]]:
     names: list[str] = []
-    with open(path, encoding="utf-8-sig") as fh:
+    with _open_text(path) as fh:
         for line in fh:
             if line.strip():
                 try:
@@ -349,7 +386,7 @@ def _jsonl_rows(path: Path) -> tuple[Iterator, list[str]]:
                 break
 
     def rows():
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        with _open_text(path, errors="replace") as fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -363,7 +400,7 @@ def _jsonl_rows(path: Path) -> tuple[Iterator, list[str]]:
     return rows(), names
 
 
-def _pick_column(path: Path, names: list[str], wanted: str | None, candidates: tuple, flag: str) -> str:
+def _pick_column(path: str, names: list[str], wanted: str | None, candidates: tuple, flag: str) -> str:
     if wanted:
         if wanted not in names:
             raise UserError(f"manifest {path} has no column '{wanted}' ({flag}); columns: {names}")
@@ -391,7 +428,7 @@ def _json_safe(value):
 def expand_tar_paths(source: str) -> list[str]:
     """Brace patterns, globs, a directory (every .tar below it, sorted) or one tar."""
     paths = expand(source, recursive=True)
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = missing_shards(paths)  # one listing per folder, also on object storage
     if not paths or missing:
         raise UserError(
             f"shard source {source} matches no tar file{': ' + missing[0] if missing else ''}; check the pattern"

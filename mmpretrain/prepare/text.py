@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpretrain import storage
 from mmpretrain.errors import SampleError, UserError
 from mmpretrain.prepare.captions import clean_text, decode_text, split_document
 from mmpretrain.prepare.sources import Input
@@ -22,23 +23,36 @@ class TextOptions:
     max_chars: int = 2000
 
 
-def text_files(source: str) -> list[Path]:
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"text source {source} does not exist; check the path")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTS)
+def text_files(source: str) -> list[str]:
+    """The text files of a source: itself, or every .txt/.jsonl/.ndjson below it, sorted. Local
+    paths or storage URLs (s3://bucket/corpus/)."""
+    if storage.is_url(source) and not storage.is_local(source):
+        if storage.isfile(source):
+            return [source]
+        files = [f for f in storage.find(source) if _is_text(f)] if storage.isdir(source) else None
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise UserError(f"text source {source} does not exist; check the path")
+        if path.is_file():
+            return [str(path)]
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _is_text(p.name))
+    if files is None:
+        raise UserError(f"text source {source} does not exist; check the URL")
     if not files:
         raise UserError(f"text source {source} holds no {'/'.join(TEXT_EXTS)} files")
     return files
+
+
+def _is_text(name: str) -> bool:
+    return name.lower().endswith(TEXT_EXTS)
 
 
 def iter_text_inputs(source: str, opts: TextOptions) -> Iterator[Input]:
     for path in text_files(source):
         documents = (
             _jsonl_documents(path, opts.field)
-            if path.suffix.lower() != ".txt"
+            if not path.lower().endswith(".txt")
             else _plain_documents(path, opts.unit)
         )
         for where, doc in documents:
@@ -52,9 +66,9 @@ def iter_text_inputs(source: str, opts: TextOptions) -> Iterator[Input]:
                 yield Input(source=where, caption=chunk)
 
 
-def _plain_documents(path: Path, unit: str) -> Iterator[tuple[str, str | SampleError]]:
+def _plain_documents(path: str, unit: str) -> Iterator[tuple[str, str | SampleError]]:
     """(where, text) per document; undecodable bytes become a failure for that document only."""
-    with open(path, "rb") as fh:
+    with storage.open_read(path) as fh:
         if unit == "line":
             for number, raw in enumerate(fh, start=1):
                 yield f"{path}:{number}", _decode(raw)
@@ -79,8 +93,8 @@ def _decode(raw: bytes) -> str | SampleError:
         return SampleError("text_not_utf8", e.detail)
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, str | SampleError]]:
-    with open(path, "rb") as fh:
+def _jsonl_documents(path: str, field: str) -> Iterator[tuple[str, str | SampleError]]:
+    with storage.open_read(path) as fh:
         for number, raw in enumerate(fh, start=1):
             where = f"{path}:{number}"
             if not raw.strip():
