@@ -75,6 +75,10 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict | None:
     """Returns the stats dict (also written to stats.json), or None when other parts are still to
     finish (this part's blocks are done)."""
     _check_parts(opts)
+    if opts.engine == "ray":  # before anything is read or written
+        from mmpretrain.prepare.ray_engine import require_ray
+
+        require_ray()
     sources = [storage.local_path(s) for s in sources]  # file:// URLs are local paths
     out = _out_url(opts.out)
     plan = _plan(sources, opts, out)
