@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -133,6 +134,9 @@ def test_a_worker_node_dying_mid_run_changes_nothing(cluster, url_manifest, tmp_
     tasks on the head node, and the output is the local engine's."""
     args = ["prepare", str(url_manifest), *ARGS, "--threads", "2", "--retries", "0"]
     assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    # stats.json's time covers the downloads: 112 delayed answers on 2 threads take at least this long
+    stats = json.loads((tmp_path / "local" / "stats.json").read_text())
+    assert stats["elapsed_s"] >= 112 * SlowImages.DELAY / 2
     out = tmp_path / "ray"
     worker = next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
     blocks = out / ".prepare" / "blocks"

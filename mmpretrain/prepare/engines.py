@@ -110,11 +110,12 @@ class LocalEngine:
         self.inputs = InputCount(plan, opts, lambda b: b % num_parts == part and b not in done)
         self.seen = seen_digests(out, done) if opts.dedupe else None
         self.writer: BlockWriter | None = None
+        self.started = time.time()
 
     def run(self) -> None:
         bar = tqdm(desc="prepare", unit="sample", disable=None if self.opts.progress else True,
                    dynamic_ncols=True)  # None: off when not a terminal
-        failed = 0
+        failed, self.started = 0, time.time()  # the first block's span: reading and downloading count
         try:
             for result in results(self.inputs, self.plan, self.opts, self.opts.workers):
                 self._consume(result)
@@ -135,7 +136,7 @@ class LocalEngine:
     def _consume(self, result: Result) -> None:
         block = result.index // self.opts.shard_size
         if self.writer is None or self.writer.block != block:
-            started = time.time() if self.writer is None else self.writer.finish()["finished"]
+            started = self.started if self.writer is None else self.writer.finish()["finished"]
             self.writer = new_writer(self.out, self.opts, block, self.seen, started)
         self.writer.add(result)
 
