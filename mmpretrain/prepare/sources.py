@@ -108,14 +108,16 @@ def detect_kind(source: str, text_only: bool = False) -> str:
                 f"({'|'.join(KINDS)})"
             )
         return kind
-    top = sorted(os.listdir(path))
+    with os.scandir(path) as it:  # the entry types come with the listing: no stat per file
+        entries = sorted((e.name, e.is_dir()) for e in it)
+    top = [name for name, _ in entries]
     if (
         any(name.endswith(".tar") for name in top)
         or not any(_is_image(n) for n in top)
         and any(name.endswith(".tar") for name in _walk_names(path, limit=1000))
     ):
         return "wds"
-    subdirs = [n for n in top if (path / n).is_dir()]
+    subdirs = [name for name, is_dir in entries if is_dir]
     if subdirs and not any(_is_image(n) for n in top):
         names = list(_walk_names(path / subdirs[0], limit=1000))
         if any(_is_image(n) for n in names) and not any(n.endswith(".txt") for n in names):
