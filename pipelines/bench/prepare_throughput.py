@@ -14,6 +14,19 @@ What is compared, per output size S (default 256 and 64 px):
 Target (from the issue): prepare >= 0.85 x bare x workers. With as many workers as cores the main
 process (which writes the tar) competes with the workers, so the target is harder to reach there.
 
+Engines and output locations (each against the local engine writing to a local folder, the same
+sources, sizes and worker count, interleaved in the same run; the local figure is the 1-worker one for
+--s3 and the 2-worker one for --engine ray):
+
+* ``--s3``: ``--out s3://BUCKET/prefix`` on an S3-compatible server this script starts on 127.0.0.1
+  (moto's standalone server, the one the tests use; ``make install`` brings it). Real HTTP through
+  s3fs/botocore; the server shares this machine's cores. Target: >= 0.9 x the local rate.
+  ``--s3-url s3://bucket/prefix`` measures a real bucket instead (credentials and endpoint from the
+  standard AWS variables; the prefix is deleted after each run).
+* ``--engine ray``: ``--engine ray`` on a local Ray cluster this script starts (two nodes of 1 CPU,
+  ``ray.cluster_utils.Cluster``), or the one named by ``--ray-address``. Target: >= 0.8 x the local
+  engine with 2 workers on the same cores.
+
 Sources: --num photo-sized (640x480) JPEGs at quality 90, drawn from numpy generators seeded by
 (--seed, image index): gradients, smooth colour blobs, a few shapes and mild noise, so they
 compress like photos (~60 KB) rather than like pure noise. They are kept in --work and reused when
@@ -21,6 +34,7 @@ the same --num and --seed are asked for again.
 
     .venv/bin/python pipelines/bench/prepare_throughput.py [--num 2000] [--sizes 256 64] [--workers 1 2]
     .venv/bin/python pipelines/bench/prepare_throughput.py --profile   # + cProfile of both at the smallest size
+    .venv/bin/python pipelines/bench/prepare_throughput.py --s3 --engine ray --sizes 64 --workers 1 2
 """
 
 from __future__ import annotations
@@ -34,22 +48,27 @@ import os
 import pstats
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from mmpretrain import storage
 from mmpretrain.prepare.images import ImageOptions
 from mmpretrain.prepare.pipeline import PrepareOptions, run_prepare
 from mmpretrain.table import format_table
 
 SOURCE_SIZE = (640, 480)
 WARMUP_IMAGES = 64
-TARGET = 0.85
+TARGET = 0.9
+ENGINE_TARGETS = {"s3": 0.9, "ray": 0.8}  # rate of the variant / rate of the local engine, local folder
+BENCH_SHARD_SIZE = 250  # inputs per block: several blocks for Ray to spread over its nodes
 WORDS = ("red", "small", "bright", "quiet", "old", "round", "dog", "house", "river", "tree", "car", "street")
 
 
@@ -116,22 +135,35 @@ def bare_loop(paths: list[Path], size: int) -> None:
         img.resize((size, size), Image.Resampling.BICUBIC, box=box).save(io.BytesIO(), "JPEG", quality=95)
 
 
-def prepare_once(source: Path, out: Path, size: int, workers: int) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    opts = PrepareOptions(out=str(out), image=ImageOptions(image_size=size), val_fraction=0.0,
-                          workers=workers, overwrite=True, progress=False)
+def prepare_once(source: Path, out: str, size: int, workers: int, engine: str = "local",
+                 ray_address: str | None = None) -> None:
+    """One timed prepare run; the output was cleared by `clear` before (not timed)."""
+    opts = PrepareOptions(out=out, image=ImageOptions(image_size=size), val_fraction=0.0, workers=workers,
+                          overwrite=True, progress=False, shard_size=BENCH_SHARD_SIZE, engine=engine,
+                          ray_address=ray_address)
     stats = run_prepare([str(source)], opts)
     if stats["failed"]:
         raise RuntimeError(f"prepare failed {stats['failed']} samples: {stats['reasons']}")
-    shutil.rmtree(out, ignore_errors=True)
 
 
-def measure(fn) -> tuple[float, float]:
-    """(wall s, CPU s) of one call; CPU counts this process and its reaped children (pool workers)."""
+def clear(out: str) -> None:
+    if storage.is_local(out):
+        shutil.rmtree(out, ignore_errors=True)
+    elif storage.exists(out):
+        storage.remove(out, recursive=True)
+
+
+def measure(job) -> tuple[float, float]:
+    """(wall s, CPU s) of one call of `job` (a function, or (function, setup) where setup runs
+    untimed first); CPU counts this process and its reaped children (pool workers), not a server's
+    or a Ray cluster's processes."""
     def cpu() -> float:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         return time.process_time() + kids.ru_utime + kids.ru_stime
 
+    fn, setup = job if isinstance(job, tuple) else (job, None)
+    if setup is not None:
+        setup()
     wall, used = time.perf_counter(), cpu()
     fn()
     return time.perf_counter() - wall, cpu() - used
@@ -165,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="folder for sources and outputs (default: a temp dir, removed)")
     p.add_argument("--profile", action="store_true", help="also cProfile bare and 1-worker prepare")
+    p.add_argument("--s3", action="store_true", help="also --out s3:// on a local S3-compatible server")
+    p.add_argument("--s3-url", help="also --out this s3:// prefix (a real bucket; deleted after each run)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: also --engine ray on a local 2-node cluster (or --ray-address)")
+    p.add_argument("--ray-address", help="an existing Ray cluster for --engine ray")
     args = p.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="prepare_bench_"))
@@ -176,7 +213,62 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args, work: Path) -> int:
-    source, warm, out = work / "sources", work / "warmup", work / "out"
+    with ExitStack() as stack:
+        s3_out = args.s3_url or (stack.enter_context(local_s3(work)) if args.s3 else None)
+        ray_address = (args.ray_address or stack.enter_context(local_ray())) if args.engine == "ray" else None
+        return _measure_all(args, work, s3_out, ray_address)
+
+
+@contextmanager
+def local_s3(work: Path):
+    """An S3-compatible server on 127.0.0.1 (tests/s3server.py), its endpoint and credentials in the
+    environment as a user's would be; yields the output prefix in a fresh bucket."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from helpers import free_port
+    from s3server import S3Server
+
+    work.mkdir(parents=True, exist_ok=True)
+    server = S3Server(free_port(), work / "moto.log").start()
+    os.environ.update(server.env)
+    try:
+        yield server.new_bucket() + "/bench"
+    finally:
+        server.stop()
+
+
+CLUSTER = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+sys.stdin.read()  # until the bench closes it
+cluster.shutdown()
+"""
+
+
+@contextmanager
+def local_ray():
+    """Two Ray nodes of 1 CPU each on this machine; yields the cluster's address. The cluster lives in
+    a child process: a process that starts Ray nodes gets Ray's SIGTERM handler, and the local
+    engine's pool workers forked from it would run it when the pool ends, stopping the nodes."""
+    child = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = child.stdout.readline().strip()
+        if not address:
+            raise RuntimeError(f"the local Ray cluster did not start (exit code {child.wait()})")
+        yield address
+    finally:
+        import ray
+
+        ray.shutdown()
+        child.stdin.close()
+        child.wait(60)
+
+
+def _measure_all(args, work: Path, s3_out: str | None, ray_address: str | None) -> int:
+    source, warm, out = work / "sources", work / "warmup", str(work / "out")
     make_sources(source, args.num, args.seed)
     paths = sorted(source.glob("*.jpg"))
     cores = len(os.sched_getaffinity(0))
@@ -194,14 +286,26 @@ def _bench(args, work: Path) -> int:
         for f in (path, path.with_suffix(".txt")):
             shutil.copyfile(f, warm / f.name)
     bare_loop(paths, min(args.sizes))
-    for w in args.workers:
+    variants = {}  # name -> (output, engine, local worker count it is compared with)
+    if s3_out:
+        variants["s3"] = (s3_out, "local", min(args.workers))
+    if ray_address:
+        variants["ray"] = (str(work / "out-ray"), "ray", 2)
+    compared = sorted({w for _, _, w in variants.values()} - set(args.workers))
+    for w in [*args.workers, *compared]:
+        clear(out)
         prepare_once(warm, out, min(args.sizes), w)
+    for dest, engine, w in variants.values():
+        clear(dest)
+        prepare_once(warm, dest, min(args.sizes), w, engine, ray_address)
 
     jobs = {}
     for size in args.sizes:
         jobs[size, 0] = partial(bare_loop, paths, size)  # workers 0: the bare loop
-        for workers in args.workers:
-            jobs[size, workers] = partial(prepare_once, source, out, size, workers)
+        for workers in [*args.workers, *compared]:
+            jobs[size, workers] = (partial(prepare_once, source, out, size, workers), partial(clear, out))
+        for name, (dest, engine, w) in variants.items():
+            jobs[size, name] = (partial(prepare_once, source, dest, size, w, engine, ray_address), partial(clear, dest))
     best, n, rows, ok = measure_all(jobs, args.repeat), len(paths), [], True
     for size in args.sizes:
         bare_wall, bare_cpu = best[size, 0]
@@ -220,13 +324,37 @@ def _bench(args, work: Path) -> int:
                         f"target ({TARGET} x bare x workers)", "ratio", "result",
                         "CPU ms/sample prepare / bare"], rows))
 
+    if variants:
+        ok &= _print_variants(best, variants, args.sizes, n)
+    for dest, _, _ in variants.values():
+        clear(dest)
+    clear(out)
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes on this machine distort the "
           "numbers; above ~0.5 before the run, re-run on a quiet machine)")
     if args.profile:
         size = min(args.sizes)
         profile(f"bare loop, {size} px", lambda: bare_loop(paths, size), 20)
+        clear(out)
         profile(f"prepare, {size} px, 1 worker", lambda: prepare_once(source, out, size, 1), 30)
+        clear(out)
     return 0 if ok else 1
+
+
+def _print_variants(best: dict, variants: dict, sizes: list[int], n: int) -> bool:
+    rows, ok = [], True
+    for size in sizes:
+        for name, (dest, _, w) in variants.items():
+            local, other = best[size, w][0], best[size, name][0]
+            ratio, target = local / other, ENGINE_TARGETS[name]
+            ok &= ratio >= target
+            where = f"--out {dest}" if name == "s3" else f"--engine ray ({dest})"
+            rows.append([size, name, w, f"{n / local:.1f}", f"{n / other:.1f}", f"{ratio:.2f}", target,
+                         "PASS" if ratio >= target else "FAIL", where])
+    print("\nengines and output locations against the local engine on a local folder (same size, same "
+          "worker count, same run)\n")
+    print(format_table(["size", "variant", "workers", "local samples/s", "variant samples/s", "ratio",
+                        "target", "result", "run"], rows))
+    return ok
 
 
 def _mean_kb(paths: list[Path]) -> float:
