@@ -1,5 +1,6 @@
-"""Files: the one atomic write (a reader, or a crash, sees the old file or the new one, never half of
-one), the one atomic directory, JSON reading with one-line errors, and a full disk as one line."""
+"""Local files: the one atomic file (a reader, or a crash, sees the old file or the new one, never
+half of one; written through storage.atomic_writer / storage.write_bytes, which also serve object
+storage), the one atomic directory, JSON reading with one-line errors, and a full disk as one line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from mmpretrain.errors import UserError
 
@@ -95,22 +96,6 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
-@contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file that becomes `path` when the block ends without error (AtomicFile); on error
-    the temp file is removed and `path` is untouched."""
-    out = AtomicFile(path)
-    try:
-        yield out.file
-    except BaseException:
-        out.discard()
-        raise
-    out.commit()
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    with atomic_open(path) as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 @contextmanager

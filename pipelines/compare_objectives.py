@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from mmpretrain.fileio import atomic_open, atomic_write
+from mmpretrain.storage import atomic_writer, write_bytes
 
 DASH = "—"
 LOSS_PARTS = (("clip_loss", "clip"), ("mlm_loss", "mlm"), ("ar_loss", "ar"), ("pair_loss", "pair"))
@@ -204,8 +204,8 @@ def compare(out: Path, names: list[str]) -> str:
     """Collect the runs, write OUT/comparison.md and OUT/comparison.png; returns the markdown."""
     rows = [collect(out, name) for name in names]
     text = markdown_table(rows) + "\n\n" + footnote(rows) + "\n"
-    atomic_write(out / "comparison.md", text)
-    with atomic_open(out / "comparison.png") as fh:  # a reader never sees half a PNG
+    write_bytes(out / "comparison.md", text)
+    with atomic_writer(out / "comparison.png") as fh:  # a reader never sees half a PNG
         draw(rows).savefig(fh, format="png")
     return text
 

@@ -8,12 +8,13 @@ import stat
 import pytest
 
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_dir, atomic_write, read_json
+from mmpretrain.fileio import atomic_dir, read_json
+from mmpretrain.storage import write_bytes
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     path = tmp_path / "sub" / "a.json"
-    atomic_write(path, '{"x": 1}')
+    write_bytes(path, '{"x": 1}')
     assert read_json(path) == {"x": 1} and stat.S_IMODE(os.stat(path).st_mode) == 0o644
     with pytest.raises(RuntimeError), atomic_dir(tmp_path / "never") as tmp:
         (tmp / "half").write_text("half")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_write, writing
+from mmpretrain.fileio import writing
+from mmpretrain.storage import write_bytes
 
 
 def invalid(path: str | os.PathLike, reason: object) -> UserError:
@@ -28,7 +29,7 @@ def missing(path: str | os.PathLike) -> UserError:
 
 
 def write_json(path: Path, value: Any) -> None:
-    atomic_write(path, json.dumps(value) + "\n")
+    write_bytes(path, json.dumps(value) + "\n")
 
 
 def read_json(path: Path) -> Any:

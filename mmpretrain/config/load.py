@@ -18,7 +18,7 @@ import yaml
 
 from mmpretrain.config.schema import Config
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_write
+from mmpretrain.storage import write_bytes
 
 COMMAND_LINE = "command line"
 _NONE = type(None)
@@ -81,7 +81,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write `cfg` as YAML atomically: a reader sees the old file or the new one, never half of one."""
-    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
+    write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
 
 
 def require_training_data(cfg: Config) -> None:

@@ -22,7 +22,7 @@ from mmpretrain.eval.retrieval import (
     positive_ranks,
     top_k,
 )
-from mmpretrain.fileio import atomic_open
+from mmpretrain.storage import atomic_writer
 
 THUMB = 128  # px, square cell of a retrieved image
 PAD = 16
@@ -213,6 +213,6 @@ def _class_section(class_accuracy: Mapping[str, float | None], font, bold) -> Im
 
 
 def _save_atomic(sheet: Image.Image, path: Path) -> Path:
-    with atomic_open(path) as fh:
+    with atomic_writer(path) as fh:
         sheet.save(fh, format="PNG")
     return path

@@ -23,10 +23,11 @@ from mmpretrain.eval.evaluator import Embeddings, EvalSettings, Evaluator
 from mmpretrain.eval.report import render_report, retrieval_examples
 from mmpretrain.eval.retrieval import POSITIVES, EvalInputError
 from mmpretrain.eval.zeroshot import zeroshot_prompts
-from mmpretrain.fileio import atomic_write, writing
+from mmpretrain.fileio import writing
 from mmpretrain.runtime import make_accelerator
 from mmpretrain.shards.format import image_ext
 from mmpretrain.shards.reader import iter_tar_samples
+from mmpretrain.storage import write_bytes
 
 TASKS = ("retrieval", "zeroshot", "text")
 
@@ -192,7 +193,7 @@ def _name_classes(metrics: dict[str, Any], classnames: list[str]) -> dict[str, A
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    write_bytes(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value):

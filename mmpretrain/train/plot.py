@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpretrain.errors import UserError
-from mmpretrain.fileio import atomic_open
+from mmpretrain.storage import atomic_writer
 from mmpretrain.train.runlog import METRICS_FILE, Metrics, read_metrics
 
 log = logging.getLogger(__name__)
@@ -200,5 +200,5 @@ def _save(fig, out: Path) -> None:
     if fmt not in fig.canvas.get_supported_filetypes():
         raise UserError(f"{out}: cannot write .{fmt}; use one of "
                         + ", ".join(f".{k}" for k in sorted(fig.canvas.get_supported_filetypes())))
-    with atomic_open(out) as fh:
+    with atomic_writer(out) as fh:
         fig.savefig(fh, format=fmt)
