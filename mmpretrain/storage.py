@@ -162,27 +162,24 @@ def read_text(url: str | os.PathLike) -> str:
 
 
 def exists(url: str | os.PathLike) -> bool:
-    if is_local(url):
-        return os.path.exists(local_path(url))
-    fs, path = filesystem(str(url))
-    with errors(str(url)):
-        return fs.exists(path)
+    return _check(url, os.path.exists, "exists")
 
 
 def isfile(url: str | os.PathLike) -> bool:
-    if is_local(url):
-        return os.path.isfile(local_path(url))
-    fs, path = filesystem(str(url))
-    with errors(str(url)):
-        return fs.isfile(path)
+    return _check(url, os.path.isfile, "isfile")
 
 
 def isdir(url: str | os.PathLike) -> bool:
+    return _check(url, os.path.isdir, "isdir")
+
+
+def _check(url: str | os.PathLike, local, method: str) -> bool:
+    """One yes/no question about a path: os.path's `local` here, the filesystem's `method` remotely."""
     if is_local(url):
-        return os.path.isdir(local_path(url))
+        return local(local_path(url))
     fs, path = filesystem(str(url))
     with errors(str(url)):
-        return fs.isdir(path)
+        return getattr(fs, method)(path)
 
 
 def listdir(url: str | os.PathLike) -> list[str]:
