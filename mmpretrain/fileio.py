@@ -96,8 +96,6 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
-
-
 @contextmanager
 def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """A temp directory beside `path` to fill; when the block ends without error it becomes `path`
