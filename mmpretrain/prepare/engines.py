@@ -173,8 +173,6 @@ def _pool_map(fn, inputs: Iterable[Input], workers: int) -> Iterator[Result]:
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
-        pool.close()  # the workers finish and exit; leaving the block would kill them (SIGTERM)
-        pool.join()
 
 
 def _run_batch(fn, batch: list) -> list:
