@@ -110,7 +110,8 @@ class CountingProxy:
     Point AWS_ENDPOINT_URL at `endpoint`. `sent` holds the body bytes of every GET answered (object
     reads); `cut = n` cuts the next n ranged GETs after half their body (the connection closes, the
     client sees a short read); `cut_after = k` first answers k ranged GETs whole; `cut = -1` cuts
-    every ranged GET (after those k)."""
+    every ranged GET (after those k). `delay` seconds are added to every answer; `peak` is the most
+    requests that were being answered at once, `requests` the (method, path) of each."""
 
     def __init__(self, target: str, port: int):
         import http.client
@@ -118,6 +119,8 @@ class CountingProxy:
         import threading
 
         self.endpoint, self.sent, self.cut, self.cut_after = f"http://127.0.0.1:{port}", [], 0, 0
+        self.delay, self.active, self.peak, self.requests = 0.0, 0, 0, []
+        lock = threading.Lock()
         host, target_port = target.removeprefix("http://").split(":")
         proxy = self
 
@@ -128,6 +131,18 @@ class CountingProxy:
                 pass
 
             def _forward(self):
+                with lock:
+                    proxy.active += 1
+                    proxy.peak = max(proxy.peak, proxy.active)
+                    proxy.requests.append((self.command, self.path))
+                try:
+                    time.sleep(proxy.delay)
+                    self._answer()
+                finally:
+                    with lock:
+                        proxy.active -= 1
+
+            def _answer(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 upstream = http.client.HTTPConnection(host, int(target_port), timeout=30)
                 upstream.request(self.command, self.path, body=body, headers=dict(self.headers))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from mmpretrain.cli import main
 from mmpretrain.prepare import engines
+from mmpretrain.prepare.blocks import BlockWriter
 from mmpretrain.shards.writer import ShardSequence
 
 QUIET = ["--no-progress", "--image-size", "32"]
@@ -264,6 +266,33 @@ def test_rerun_is_noop_and_other_settings_need_overwrite(tmp_path, capsys):
 
 class _Killed(Exception):
     """Stands for SIGKILL: raised mid-run, with the clean-up on error switched off."""
+
+
+def test_a_block_closes_while_the_next_one_fills(tmp_path, monkeypatch):
+    """A full block's shards are closed and its summary written on a thread of its own while the
+    next block's results are written (a slow close, as on object storage, does not hold the workers
+    up); blocks close one at a time, in order, and the bytes are those of an unhurried run."""
+    make_folder(tmp_path / "src", 30)
+    args = ["prepare", str(tmp_path / "src"), "--shard-size", "10", "--val-fraction", "0.2", "--name", "x", *QUIET]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    events = []
+    finish, add = BlockWriter.finish, BlockWriter.add
+
+    def slow_finish(self):
+        events.append(("close", self.block, threading.current_thread() is threading.main_thread()))
+        time.sleep(0.4 if self.block == 0 else 0.0)
+        summary = finish(self)
+        events.append(("closed", self.block))
+        return summary
+
+    monkeypatch.setattr(BlockWriter, "finish", slow_finish)
+    monkeypatch.setattr(BlockWriter, "add", lambda self, result: (events.append(("add", self.block)), add(self, result)))
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    closes = [e for e in events if e[0] == "close"]
+    assert closes == [("close", 0, False), ("close", 1, False), ("close", 2, True)]  # the last one: at the end
+    assert events.index(("add", 1)) < events.index(("closed", 0))  # block 1 filled meanwhile
+    assert events.index(("closed", 0)) < events.index(("close", 1, False))  # one close at a time
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "ref")
 
 
 @pytest.mark.parametrize("kill_at", [3, 17, 40])

@@ -218,3 +218,30 @@ def test_a_shard_streams_in_bounded_reads_and_a_cut_connection_is_retried(s3, bu
         finally:
             os.environ["AWS_ENDPOINT_URL"] = saved
             s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_many_small_objects_are_read_in_order_several_at_once(s3, bucket, tmp_path):
+    """storage.read_many (finalize's pass over a run's block summaries): the objects' bytes in the
+    order asked, one GET each, with up to READ_AT_ONCE requests in flight; a missing one is the
+    one-line error naming it."""
+    import s3fs
+
+    for i in range(40):
+        (tmp_path / f"{i:03d}.json").write_text(json.dumps({"block": i, "pad": "x" * i}))
+    s3.upload(tmp_path, f"{bucket}/many")
+    urls = [f"{bucket}/many/{i:03d}.json" for i in reversed(range(40))]
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    with CountingProxy(s3.endpoint, free_port()) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            proxy.delay = 0.05
+            assert [json.loads(b)["block"] for b in storage.read_many(urls, at_once=8)] == list(reversed(range(40)))
+            assert [m for m, _ in proxy.requests] == ["GET"] * 40  # no HEAD before each GET
+            assert 2 <= proxy.peak <= 8, proxy.peak
+            with pytest.raises(storage.Missing) as caught:
+                list(storage.read_many([urls[0], f"{bucket}/many/nothere.json"]))
+            assert str(caught.value) == f"{bucket}/many/nothere.json does not exist; check the path"
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = saved
+            s3fs.S3FileSystem.clear_instance_cache()

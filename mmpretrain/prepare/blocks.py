@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mmpretrain import storage
@@ -49,8 +50,10 @@ def done_blocks(out: str) -> set[int]:
     return {int(n[:-len(".json")]) for n in names if n.endswith(".json") and n[:-len(".json")].isdigit()}
 
 
-def read_summary(out: str, block: int) -> dict:
-    return json.loads(storage.read_text(work_url(out, "blocks", block_file("blocks", block))))
+def read_summaries(out: str, blocks: Iterable[int]) -> Iterator[dict]:
+    """The summaries of done blocks, in the order given (fetched many at once from object storage)."""
+    urls = [work_url(out, "blocks", block_file("blocks", b)) for b in blocks]
+    return (json.loads(data) for data in storage.read_many(urls))
 
 
 def split_of(digest: str, val_fraction: float) -> str:

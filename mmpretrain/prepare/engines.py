@@ -16,13 +16,14 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 from tqdm import tqdm
 
 from mmpretrain import storage
 from mmpretrain.errors import SampleError
-from mmpretrain.prepare.blocks import INPUTS, BlockWriter, done_blocks, read_summary, work_url
+from mmpretrain.prepare.blocks import INPUTS, BlockWriter, done_blocks, read_summaries, work_url
 from mmpretrain.prepare.fetch import fetch, ordered_map
 from mmpretrain.prepare.labels import LabelMap
 from mmpretrain.prepare.samples import Result, process_image_input, process_text_input
@@ -94,15 +95,20 @@ def _fetch_input(inp: Input, options) -> Input:
 def seen_digests(out: str, blocks: Iterable[int]) -> dict[str, int]:
     """digest -> the first of `blocks` (done blocks) that wrote it: what dedupe must not write again."""
     seen: dict[str, int] = {}
-    for block in sorted(blocks):
-        for digests in read_summary(out, block).get("digests", {}).values():
+    order = sorted(blocks)
+    for block, summary in zip(order, read_summaries(out, order)):
+        for digests in summary.get("digests", {}).values():
             for digest in digests:
                 seen.setdefault(digest, block)
     return seen
 
 
 class LocalEngine:
-    """The undone blocks of one part, in input order, in this process (and its worker pool)."""
+    """The undone blocks of one part, in input order, in this process (and its worker pool).
+
+    A finished block is closed (its shards fsynced or uploaded, then its summary written) on a
+    thread of its own while the next block fills: on object storage a block's closing is a few
+    round trips, and the workers would otherwise wait for them. One block closes at a time."""
 
     def __init__(self, out: str, opts, plan: dict, num_parts: int = 1, part: int = 0):
         self.out, self.opts, self.plan = out, opts, plan
@@ -111,35 +117,67 @@ class LocalEngine:
         self.inputs = InputCount(plan, opts, lambda b: b % num_parts == part and b not in done)
         self.seen = seen_digests(out, done) if opts.dedupe else None
         self.writer: BlockWriter | None = None
+        self.closer: ThreadPoolExecutor | None = None  # while run() runs
+        self.closing: Future | None = None
         self.started = time.time()
 
     def run(self) -> None:
         bar = tqdm(desc="prepare", unit="sample", disable=None if self.opts.progress else True,
                    dynamic_ncols=True)  # None: off when not a terminal
         failed, self.started = 0, time.time()  # the first block's span: reading and downloading count
-        try:
-            for result in results(self.inputs, self.plan, self.opts, self.opts.workers):
-                self._consume(result)
-                bar.update(1)
-                if result.reason:
-                    failed += 1
-                    bar.set_postfix(failed=failed, refresh=False)
-            if self.writer is not None:
-                self.writer.finish()
-        except BaseException:
-            if self.writer is not None:
-                self.writer.abandon()
-            raise
-        finally:
-            bar.close()
+        with ThreadPoolExecutor(1, thread_name_prefix="prepare-close") as self.closer:
+            try:
+                for result in results(self.inputs, self.plan, self.opts, self.opts.workers):
+                    self._consume(result)
+                    bar.update(1)
+                    if result.reason:
+                        failed += 1
+                        bar.set_postfix(failed=failed, refresh=False)
+                self._wait_closing()
+                if self.writer is not None:
+                    writer, self.writer = self.writer, None
+                    _close(writer)
+            except BaseException:
+                if self.writer is not None:
+                    self.writer.abandon()
+                self._settle_closing()
+                raise
+            finally:
+                bar.close()
         record_inputs(self.out, self.inputs.total, self.opts.shard_size)
 
     def _consume(self, result: Result) -> None:
         block = result.index // self.opts.shard_size
         if self.writer is None or self.writer.block != block:
-            started = self.started if self.writer is None else self.writer.finish()["finished"]
+            started = self.started
+            if self.writer is not None:
+                self._wait_closing()
+                self.closing, started = self.closer.submit(_close, self.writer), time.time()
             self.writer = new_writer(self.out, self.opts, block, self.seen, started)
         self.writer.add(result)
+
+    def _wait_closing(self) -> None:
+        """The block being closed is done; its error (a full disk, a refused upload) is raised here."""
+        closing, self.closing = self.closing, None
+        if closing is not None:
+            closing.result()
+
+    def _settle_closing(self) -> None:
+        """On error or interrupt: let the block being closed complete (its files are whole, so it
+        stays done for a rerun); an error of its own gives way to the one being raised."""
+        try:
+            self._wait_closing()
+        except Exception:
+            pass
+
+
+def _close(writer: BlockWriter) -> dict:
+    """The block's files and summary; on error, whatever it had open is dropped."""
+    try:
+        return writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
 
 
 def new_writer(out: str, opts, block: int, seen: dict | None = None, started: float | None = None) -> BlockWriter:
@@ -154,10 +192,10 @@ def process_block(out: str, opts, plan: dict, block: int, inputs: list[Input]) -
     try:
         for result in results(inputs, plan, opts, workers=0):
             writer.add(result)
-        return writer.finish()
     except BaseException:
         writer.abandon()
         raise
+    return _close(writer)
 
 
 def _pool_map(fn, inputs: Iterable[Input], workers: int) -> Iterator[Result]:

@@ -23,7 +23,7 @@ from mmpretrain.prepare.blocks import (
     WORK_DIR,
     block_file,
     done_blocks,
-    read_summary,
+    read_summaries,
     work_url,
 )
 from mmpretrain.shards.format import CAPTION_EXT, image_ext, member_bytes
@@ -63,7 +63,7 @@ def finalize(out: str, opts, plan: dict) -> dict:
     """Returns the stats dict (also written to stats.json)."""
     name = opts.name or storage.name(out)
     total = json.loads(storage.read_text(work_url(out, INPUTS)))["blocks"]
-    summaries = [read_summary(out, b) for b in range(total)]
+    summaries = list(read_summaries(out, range(total)))
     if opts.dedupe:
         for block, late in _late_duplicates(summaries).items():
             summaries[block] = _drop_late(out, name, summaries[block], late, opts.max_shard_bytes)
@@ -159,8 +159,8 @@ def _pack_val(out: str, name: str, summaries: list[dict], opts) -> dict[str, int
 
 def _concat_failures(out: str, total: int) -> None:
     with storage.atomic_writer(storage.join(out, FAILURES)) as fh:
-        for block in range(total):
-            fh.write(storage.read_bytes(work_url(out, "failures", block_file("failures", block))))
+        for data in storage.read_many([work_url(out, "failures", block_file("failures", b)) for b in range(total)]):
+            fh.write(data)
 
 
 def _stats(summaries: list[dict], sizes: dict, opts) -> dict:

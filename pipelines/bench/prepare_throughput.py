@@ -137,9 +137,10 @@ def bare_loop(paths: list[Path], size: int) -> None:
 
 def prepare_once(source: Path, out: str, size: int, workers: int, engine: str = "local",
                  ray_address: str | None = None) -> None:
-    """One timed prepare run; the output was cleared by `clear` before (not timed)."""
+    """One timed prepare run into an empty output (cleared by `clear` before, not timed): a fresh
+    run, as a user's first one is (--overwrite would add its deletes, a few requests on s3)."""
     opts = PrepareOptions(out=out, image=ImageOptions(image_size=size), val_fraction=0.0, workers=workers,
-                          overwrite=True, progress=False, shard_size=BENCH_SHARD_SIZE, engine=engine,
+                          progress=False, shard_size=BENCH_SHARD_SIZE, engine=engine,
                           ray_address=ray_address)
     stats = run_prepare([str(source)], opts)
     if stats["failed"]:
