@@ -21,14 +21,13 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import BinaryIO
 
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import AtomicFile
+from mmpretrain.parallel import ordered_map
 
 READ_BLOCK = 8 * 2**20  # read-ahead per open remote file: the memory a streamed shard holds
 WRITE_BLOCK = 16 * 2**20  # multipart part size: an upload holds one part in memory
@@ -174,18 +173,7 @@ def read_many(urls: Sequence[str], at_once: int = READ_AT_ONCE) -> Iterator[byte
     if all(is_local(u) for u in urls):
         yield from map(read_bytes, urls)
         return
-    with ThreadPoolExecutor(at_once, thread_name_prefix="storage-read") as pool:
-        ahead: deque = deque()
-        try:
-            for url in urls:
-                ahead.append(pool.submit(read_bytes, url))
-                if len(ahead) >= 2 * at_once:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
-        finally:
-            for future in ahead:
-                future.cancel()
+    yield from ordered_map(read_bytes, urls, at_once, 2 * at_once, name="storage-read")
 
 
 def read_text(url: str | os.PathLike) -> str:

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mmpretrain.errors import SampleError
-from mmpretrain.prepare.fetch import FetchOptions, fetch, ordered_map, thread_session
+from mmpretrain.parallel import ordered_map
+from mmpretrain.prepare.fetch import FetchOptions, fetch, thread_session
 
 DRIP_S = 0.2
 IMAGE = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"

@@ -69,7 +69,7 @@ def _normal(requirement: str) -> str:
 
 # Stages in import order: a module may import its own stage and the ones before it, never a later one.
 # Siblings: prepare and data never import each other; train may use eval (periodic evaluation), not back.
-STAGES = [{"errors", "fileio", "storage", "textrepair", "table", "config", "runtime"}, {"shards"}, {"prepare", "data"},
+STAGES = [{"errors", "fileio", "parallel", "storage", "textrepair", "table", "config", "runtime"}, {"shards"}, {"prepare", "data"},
           {"models"}, {"losses"}, {"checkpoint"}, {"eval"}, {"train"}, {"cli", "__init__"}]
 FORBIDDEN = {("prepare", "data"), ("data", "prepare")}
 

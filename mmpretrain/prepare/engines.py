@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from mmpretrain import storage
 from mmpretrain.errors import SampleError
+from mmpretrain.parallel import ordered_map
 from mmpretrain.prepare.blocks import INPUTS, BlockWriter, done_blocks, read_summaries, work_url
-from mmpretrain.prepare.fetch import fetch, ordered_map
+from mmpretrain.prepare.fetch import fetch
 from mmpretrain.prepare.labels import LabelMap
 from mmpretrain.prepare.samples import Result, process_image_input, process_text_input
 from mmpretrain.prepare.sources import MANIFESTS, Input, ReadOptions, iter_inputs
@@ -80,7 +81,7 @@ def _download(inputs: Iterable[Input], plan: dict, opts) -> Iterable[Input]:
     if not any(k in MANIFESTS for k in plan["kinds"]):
         return inputs
     window = opts.in_flight or 32 * opts.threads
-    return ordered_map(partial(_fetch_input, options=opts.fetch), inputs, opts.threads, window)
+    return ordered_map(partial(_fetch_input, options=opts.fetch), inputs, opts.threads, window, name="fetch")
 
 
 def _fetch_input(inp: Input, options) -> Input:

@@ -20,13 +20,10 @@ import os
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
-from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -37,9 +34,6 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
 from mmpretrain.errors import SampleError
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 CHUNK_BYTES = 64 * 1024
 RETRY_AFTER_CAP_S = 10.0
@@ -404,33 +398,3 @@ class _DeadlineAdapter(HTTPAdapter):
         if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
             manager.pool_classes_by_scheme = _POOLS
         return manager
-
-
-# ---- ordered_map ---------------------------------------------------------------------------------------
-
-
-def ordered_map(
-    fn: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None
-) -> Iterator[R]:
-    """Apply fn to items on a thread pool, yielding results IN INPUT ORDER, keeping at most `window`
-    (default 4*threads) items running or finished-and-waiting, so a 100M-line iterator is never
-    materialised and memory is about `window` results. A slow item holds back only the yield: the
-    threads go on with later items until the window is full. Exceptions from fn propagate at the
-    item's position (callers wrap fn so per-item failures become values)."""
-    window = 4 * threads if window is None else window
-    if threads < 1 or window < 1:
-        raise ValueError(f"ordered_map needs threads >= 1 and window >= 1, got {threads} and {window}")
-    pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) == window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            # Consumer stopped early or fn raised: drop what has not started; the pool's exit
-            # waits only for the few items already running.
-            for future in pending:
-                future.cancel()
