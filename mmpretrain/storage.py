@@ -265,6 +265,34 @@ def move(src: str, dst: str) -> None:
         fs.mv(path, filesystem(dst)[1])
 
 
+def create_new(url: str | os.PathLike, data: bytes) -> bool:
+    """Write `data` to `url` unless something is there already; True when this call created it.
+    Two processes, or two machines, that race for one name get one True between them: O_EXCL on a
+    local or shared filesystem, a conditional upload (If-None-Match) on object storage (S3 and its
+    compatible servers honour it)."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    fs, path = filesystem(str(url))
+    with errors(str(url), "create"):
+        try:
+            with fs.open(path, "xb") as fh:
+                fh.write(data)
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError) as e:
+            raise UserError(f"{url}: this storage cannot create a file only if it is absent ({_one_line(e)}); "
+                            "let one process write the dataset files: run the parts, then --finalize") from None
+    return True
+
+
 def makedirs(url: str | os.PathLike) -> None:
     """A local folder is created; an object store has no folders to create."""
     if is_local(url):

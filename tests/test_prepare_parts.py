@@ -4,6 +4,7 @@ also when --dedupe drops duplicates that lie in different parts and when finaliz
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -103,12 +104,34 @@ def test_finalize_killed_then_finalize_again(reference, tmp_path, monkeypatch, c
     assert "interrupted; re-run the same command" in capsys.readouterr().err
     assert calls["n"] > 0
     assert not (out / "dataset.json").exists() and (out / ".prepare").exists()
+    assert not (out / ".prepare" / "finalizing.json").exists()  # released: a rerun of any part may finalize
     monkeypatch.undo()
 
     assert main(_prepare(reference / "src", out, "--num-parts", "3", "--finalize")) == 0
     assert tree_digest(out) == tree_digest(reference / "ref")
     assert counts(out) == counts(reference / "ref")
     assert not (out / ".prepare").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_a_part_that_finds_another_finalizing_leaves_it_alone(reference, tmp_path, capsys):
+    """Parts that finish together all find every block done; only the one that creates
+    .prepare/finalizing.json writes the dataset files. One that finds it taken (here: left by a
+    finalizer killed with SIGKILL) says so and ends; --finalize then takes over."""
+    out = tmp_path / "out"
+    for part in (2, 1):
+        assert main(_prepare(reference / "src", out, "--num-parts", "3", "--part", str(part))) == 0
+    capsys.readouterr()
+    claim = out / ".prepare" / "finalizing.json"
+    claim.write_text(json.dumps({"part": 1, "pid": 0}))
+    assert main(_prepare(reference / "src", out, "--num-parts", "3", "--part", "0")) == 0
+    err = capsys.readouterr().err
+    assert "part 0 of 3 is done; another part is writing the dataset files" in err and str(claim) in err
+    assert "--finalize" in err and claim.read_text() == json.dumps({"part": 1, "pid": 0})
+    assert not (out / "dataset.json").exists() and not (out / "train" / "sizes.json").exists()
+    assert main(_prepare(reference / "src", out, "--num-parts", "3", "--finalize")) == 0
+    assert tree_digest(out) == tree_digest(reference / "ref")
+    assert counts(out) == counts(reference / "ref")
+    assert not (out / ".prepare").exists()
 
 
 def test_finalize_without_parts_is_one_line(reference, tmp_path, capsys):

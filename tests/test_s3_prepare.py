@@ -141,6 +141,32 @@ def test_parts_on_s3_equal_one_plain_run(s3, bucket, source):
     assert _objects(s3, out) == _tree(source / "ref")
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_new_lets_one_of_many_racers_win(s3, bucket, tmp_path, where):
+    """storage.create_new, what parts that finish together use to pick the one that finalizes: of
+    8 threads racing for one name exactly one creates it, and its bytes are what is there."""
+    import threading
+
+    from mmpretrain import storage
+
+    url = str(tmp_path / "work" / "claim.json") if where == "local" else f"{bucket}/work/claim.json"
+    start, won = threading.Barrier(8), {}
+
+    def race(i: int) -> None:
+        start.wait()
+        won[i] = storage.create_new(url, f"racer {i}".encode())
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, w in won.items() if w]
+    assert len(won) == 8 and len(winners) == 1, won
+    assert storage.read_bytes(url) == f"racer {winners[0]}".encode()
+    assert storage.create_new(url, b"late") is False and storage.read_bytes(url) == f"racer {winners[0]}".encode()
+
+
 def _write_manifest(path: Path, rows: list[dict], kind: str) -> None:
     if kind == "csv":
         with open(path, "w", newline="") as fh:

@@ -8,8 +8,10 @@ function of those inputs alone, so any machine can make it, in any order, any nu
     OUT/.prepare/failures/{b:06d}.jsonl  one line per input of the block that did not make it
     OUT/.prepare/blocks/{b:06d}.json     its summary, written last: the block is done once it exists
 
-The work area also holds plan.json (the run's fingerprint: parts of another command are refused)
-and inputs.json (how many inputs the sources hold, written by whoever read them to the end).
+The work area also holds plan.json (the run's fingerprint: parts of another command are refused),
+inputs.json (how many inputs the sources hold, written by whoever read them to the end) and, while
+a part finalizes, finalizing.json (created only if absent, so parts that finish together finalize
+once).
 Everything is written through `storage`, so OUT may be a local folder or an object-store URL, and
 each file appears only when complete.
 """
@@ -31,6 +33,7 @@ from mmpretrain.shards.writer import ShardSequence, block_names
 WORK_DIR = ".prepare"
 PLAN = "plan.json"
 INPUTS = "inputs.json"
+FINALIZING = "finalizing.json"  # created by the one part that writes the dataset files
 OUTCOMES = ("inputs", "written", "failed", "deduplicated")
 
 

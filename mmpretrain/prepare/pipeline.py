@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mmpretrain import storage
 from mmpretrain.errors import UserError
-from mmpretrain.prepare.blocks import PLAN, WORK_DIR, work_url
+from mmpretrain.prepare.blocks import FINALIZING, PLAN, WORK_DIR, work_url
 from mmpretrain.prepare.engines import LocalEngine, streams
 from mmpretrain.prepare.fetch import FetchOptions
 from mmpretrain.prepare.finalize import HOW, check_complete, finalize, missing_blocks
@@ -105,13 +108,19 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict | None:
               "The last part to finish writes sizes.json, stats.json, failures.jsonl and dataset.json "
               "(or run the same command with --finalize once all are done)", file=sys.stderr)
         return None
+    if opts.num_parts == 1:  # the only process of its run
+        return finalize(out, opts, plan)
+    # Parts that finish together all find nothing missing: the one that creates the claim finalizes.
+    claim = work_url(out, FINALIZING)
+    if not storage.create_new(claim, json.dumps({"part": opts.part, "host": socket.gethostname(),
+                                                 "pid": os.getpid(), "time": time.time()}).encode()):
+        print(f"part {opts.part} of {opts.num_parts} is done; another part is writing the dataset files "
+              f"({claim}). If that process was killed, run the same command with --finalize", file=sys.stderr)
+        return None
     try:
         return finalize(out, opts, plan)
-    except UserError:
-        # Two parts that finish together both finalize; the one that loses the race finds the work
-        # area gone, and the dataset complete.
-        if _already_complete(out, fingerprint, False):
-            return json.loads(storage.read_text(storage.join(out, STATS)))
+    except BaseException:
+        storage.remove(claim)  # a rerun of any part may finalize then
         raise
 
 
