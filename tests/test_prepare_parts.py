@@ -16,6 +16,7 @@ from test_prepare_pipeline import QUIET, counts, make_folder, tree_digest
 from mmpretrain import storage
 from mmpretrain.cli import main
 from mmpretrain.prepare import finalize as finalize_module
+from mmpretrain.prepare import pipeline
 
 # 120 inputs in 12 blocks; the last 30 repeat the first 30 images, so with 3 parts (blocks b % 3)
 # most duplicates lie in another part than their first copy.
@@ -129,6 +130,28 @@ def test_a_part_that_finds_another_finalizing_leaves_it_alone(reference, tmp_pat
     assert "--finalize" in err and claim.read_text() == json.dumps({"part": 1, "pid": 0})
     assert not (out / "dataset.json").exists() and not (out / "train" / "sizes.json").exists()
     assert main(_prepare(reference / "src", out, "--num-parts", "3", "--finalize")) == 0
+    assert tree_digest(out) == tree_digest(reference / "ref")
+    assert counts(out) == counts(reference / "ref")
+    assert not (out / ".prepare").exists()
+
+
+@pytest.mark.parametrize("seen", ["work_area_gone", "nothing_missing"])
+def test_a_part_that_ends_as_another_finalizes_returns_the_dataset(reference, tmp_path, monkeypatch, capsys, seen):
+    """The last two parts end together; the other one finalizes (here: --finalize, run in between)
+    while this one looks. It finds the work area gone, or (having looked just before) claims a
+    finalize that then finds nothing to do: either way exit 0, the plain run's bytes, no work area."""
+    out = tmp_path / "out"
+    for part in (2, 1):
+        assert main(_prepare(reference / "src", out, "--num-parts", "3", "--part", str(part))) == 0
+    original = pipeline.missing_blocks
+
+    def the_other_part_finalizes(url):
+        monkeypatch.setattr(pipeline, "missing_blocks", original)
+        assert main(_prepare(reference / "src", out, "--num-parts", "3", "--finalize")) == 0
+        return original(url) if seen == "work_area_gone" else []
+
+    monkeypatch.setattr(pipeline, "missing_blocks", the_other_part_finalizes)
+    assert main(_prepare(reference / "src", out, "--num-parts", "3", "--part", "0")) == 0
     assert tree_digest(out) == tree_digest(reference / "ref")
     assert counts(out) == counts(reference / "ref")
     assert not (out / ".prepare").exists()

@@ -103,6 +103,8 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict | None:
     else:
         LocalEngine(out, opts, plan, opts.num_parts, opts.part).run()
     missing = missing_blocks(out)
+    if missing is None and _already_complete(out, fingerprint, False):  # another part finalized meanwhile
+        return json.loads(storage.read_text(storage.join(out, STATS)))
     if missing:
         print(f"part {opts.part} of {opts.num_parts} is done; {len(missing)} block(s) of other parts remain. "
               "The last part to finish writes sizes.json, stats.json, failures.jsonl and dataset.json "
@@ -119,8 +121,12 @@ def run_prepare(sources: list[str], opts: PrepareOptions) -> dict | None:
         return None
     try:
         return finalize(out, opts, plan)
-    except BaseException:
+    except BaseException as e:
         storage.remove(claim)  # a rerun of any part may finalize then
+        if isinstance(e, UserError) and _already_complete(out, fingerprint, False):
+            # The claim was made just after another part finished and removed the work area.
+            storage.remove(storage.join(out, WORK_DIR), recursive=True)
+            return json.loads(storage.read_text(storage.join(out, STATS)))
         raise
 
 
