@@ -167,6 +167,21 @@ def test_create_new_lets_one_of_many_racers_win(s3, bucket, tmp_path, where):
     assert storage.create_new(url, b"late") is False and storage.read_bytes(url) == f"racer {winners[0]}".encode()
 
 
+def test_create_new_on_a_store_that_cannot_is_one_line():
+    """A filesystem without create-if-absent (fsspec's read-only HTTP one refuses any write mode
+    before it connects, so nothing is contacted here): a one-line UserError saying what to do, not
+    a traceback."""
+    from mmpretrain import storage
+    from mmpretrain.errors import UserError
+
+    url = "http://127.0.0.1:9/out/.prepare/finalizing.json"
+    with pytest.raises(UserError) as caught:
+        storage.create_new(url, b"claim")
+    assert str(caught.value) == (f"{url}: this storage cannot create a file only if it is absent "
+                                 "(NotImplementedError); let one process write the dataset files: run the parts, "
+                                 "then --finalize")
+
+
 def _write_manifest(path: Path, rows: list[dict], kind: str) -> None:
     if kind == "csv":
         with open(path, "w", newline="") as fh:
