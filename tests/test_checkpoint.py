@@ -386,6 +386,8 @@ FSDP_SCRIPT = textwrap.dedent(
     if rank == 0:
         json.dump({"diff": max(float((a[k] - b[k]).abs().max()) for k in a), "keys": sorted(a),
                    "betas": type(resumed[1].param_groups[0]["betas"]).__name__}, open(sys.argv[2], "w"))
+    dist.barrier()
+    dist.destroy_process_group()  # else gloo's threads can abort this process at exit (SIGABRT)
     """
 )
 

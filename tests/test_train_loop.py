@@ -131,7 +131,8 @@ def test_killing_the_launchers_group_ends_its_ranks_and_resume_gives_the_uninter
         ranks = [pid for pid, parent in _processes_naming(str(run)).items() if parent == launcher.pid]
         assert len(ranks) == 2  # the launcher's own children (torch elastic), each in a session of its own
         os.killpg(launcher.pid, signal.SIGKILL)  # the whole group: torch elastic's setsid keeps the ranks out of it
-        kept = _written(run)
+        launcher.wait(timeout=60)  # dead, not only signalled: a loaded machine can take a while to end it
+        kept = _written(run)  # what the ranks wrote while the launcher lived
     finally:
         launcher.kill()
         launcher.wait(timeout=60)
