@@ -28,7 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: bench-prepare bench-loader bench-contrastive bench-retrieval bench-train bench-optim
+bench: bench-prepare bench-loader bench-contrastive bench-retrieval bench-train bench-text bench-optim
 
 bench-prepare: $(STAMP)
 	$(PY) pipelines/bench/prepare_throughput.py
@@ -44,6 +44,9 @@ bench-retrieval: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) pipelines/bench/train_throughput.py
+
+bench-text: $(STAMP)
+	$(PY) pipelines/bench/text_branch_cost.py
 
 bench-optim: $(STAMP)
 	$(PY) pipelines/bench/optimizer_step.py

@@ -155,6 +155,8 @@ def test_override_syntax_errors(item, expected):
     (["loss.contrastive=infonce"], "loss.contrastive = 'infonce': must be one of clip, siglip"),
     (["loss.tile_size=0"], "loss.tile_size = 0: must be >= 1"),
     (["loss.mlm_weight=-0.5"], "loss.mlm_weight = -0.5: must be >= 0"),
+    (["loss.ar_fraction=0"], "loss.ar_fraction = 0.0: must be in (0, 1] (1 = every position)"),
+    (["loss.mlm_fraction=1.5"], "loss.mlm_fraction = 1.5: must be in (0, 1] (1 = every position)"),
     (["loss.contrastive=siglip", "loss.local_loss=true"], "loss.local_loss = True: only loss.contrastive = clip"),
     (["model.sentence_pair=mlm"], "model.sentence_pair = 'mlm': must be one of null, nsp, sop"),
     (["model.patch_dropout=1.0"], "model.patch_dropout = 1.0: must be in [0, 1)"),

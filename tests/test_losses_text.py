@@ -1,5 +1,7 @@
 """Chunked token cross-entropy against the unchunked F.cross_entropy, in float64."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,3 +133,87 @@ def test_misuse_is_a_value_error():
     bad[0, 0] = VOCAB
     with pytest.raises(ValueError, match=r"\[0, 11\)"):
         token_loss(hidden, weight, bad)
+    for fraction in (0, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+            token_loss(hidden, weight, labels, fraction=fraction)
+    for positions in (torch.tensor([0, 0]), torch.tensor([], dtype=torch.long), torch.arange(100)):
+        with pytest.raises(ValueError, match="distinct indices"):
+            token_loss(hidden, weight, labels, positions=positions)
+
+
+# ------------------------------------------------------------------ the position-subset estimator
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_every_position_subset_averages_to_the_exact_loss_and_gradient(k):
+    """The estimator's expectation, taken exactly: every k-subset of the N positions is equally likely
+    (test_sample_positions_draws_every_subset_alike), so the mean over all C(N, k) subsets of the
+    decoded loss and its gradients (hidden, tied weight, bias) is the expected value; it equals the
+    exact loss and gradient, with and without a window's count (num_tokens)."""
+    import itertools
+
+    hidden, weight, b, labels = _inputs(shape=(2, 4), ignore=0.3, seed=1)
+    n = int((labels != -100).sum())
+    assert n == 6
+    params = _params(hidden, weight, b)
+    for num_tokens in (None, 3 * n):
+        exact = token_loss(hidden, weight, labels, bias=b, chunk_size=2, num_tokens=num_tokens)
+        want = torch.autograd.grad(exact["loss"], params)
+        subsets = list(itertools.combinations(range(n), k))
+        losses, grads = [], [torch.zeros_like(t) for t in params]
+        for subset in subsets:
+            out = token_loss(hidden, weight, labels, bias=b, chunk_size=2, num_tokens=num_tokens,
+                             positions=torch.tensor(subset))
+            assert out["tokens"].item() == (num_tokens or n)  # every predicted token counts, decoded or not
+            losses.append(out["loss"])
+            for acc, g in zip(grads, torch.autograd.grad(out["loss"], params)):
+                acc += g / len(subsets)
+        torch.testing.assert_close(torch.stack(losses).mean(), exact["loss"], rtol=1e-12, atol=1e-12)
+        for got, w in zip(grads, want):
+            torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
+        if k < n:  # one subset alone is not the exact loss: the estimator has variance
+            assert (torch.stack(losses) - exact["loss"]).abs().max() > 1e-3
+
+
+def test_sample_positions_draws_every_subset_alike():
+    import math
+    from collections import Counter
+
+    from mmpretrain.losses.text import sample_positions
+
+    n, fraction, draws = 7, 0.3, 7000
+    k = math.ceil(fraction * n)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        picks = [tuple(sample_positions(n, fraction).tolist()) for _ in range(draws)]
+    assert all(len(p) == k == 3 and list(p) == sorted(set(p)) and 0 <= p[0] and p[-1] < n for p in picks)
+    seen = Counter(picks)
+    assert len(seen) == math.comb(n, k) == 35  # every subset occurs
+    expected = draws / 35  # 200 each; a count's sd is about 14
+    assert max(abs(c - expected) for c in seen.values()) < 60, seen.most_common(3)
+    assert sample_positions(5, 1e-9).numel() == 1 and sample_positions(5, 1.0).numel() == 5
+
+
+def test_fraction_decodes_a_share_of_the_positions_drawn_from_torchs_generator():
+    from mmpretrain.losses.text import sample_positions
+
+    hidden, weight, b, labels = _inputs(shape=(4, 16), ignore=0.2, seed=5)
+    n = int((labels != -100).sum())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        drawn = token_loss(hidden, weight, labels, bias=b, fraction=0.25)
+        torch.manual_seed(7)
+        positions = sample_positions(n, 0.25)
+    named = token_loss(hidden, weight, labels, bias=b, positions=positions)
+    assert positions.numel() == math.ceil(0.25 * n) < n
+    torch.testing.assert_close(drawn["loss"], named["loss"], rtol=0, atol=0)
+    assert drawn["tokens"].item() == n
+    logits = hidden[labels != -100][positions] @ weight.T + b
+    decoded_right = (logits.argmax(1) == labels[labels != -100][positions]).double().mean()
+    assert drawn["accuracy"].item() == pytest.approx(decoded_right.item())  # over the decoded tokens
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        full = token_loss(hidden, weight, labels, bias=b, fraction=1.0)
+        after = torch.rand(())
+        torch.manual_seed(7)
+        untouched = torch.rand(())
+    torch.testing.assert_close(full["loss"], _reference(hidden, weight, b, labels)[0], rtol=1e-12, atol=1e-12)
+    assert after == untouched  # the exact loss draws nothing

@@ -311,3 +311,43 @@ def test_sentence_pair_head_without_pair_inputs_is_an_error():
     text = text_batch(TEXTS, tokenizer, MaskingConfig(), torch.Generator().manual_seed(0))  # no pair_objective
     with pytest.raises(ValueError, match="sentence-pair head needs pair inputs"):
         model(text=text)
+
+
+def test_ar_on_the_captions_reuses_the_contrastive_pass():
+    """A text batch made from the captions (no text shards): the causal trunk runs once for InfoNCE and
+    the AR head together (CoCa), the bidirectional one for MLM: 2 trunk passes, not 3. The loss and
+    every gradient equal those of separate passes; text from other documents still gets its own pass."""
+    from mmpretrain.models.multitask import ModelOutput
+
+    cfg = load_model_config("tiny")
+    images, tokens, text = _inputs(cfg)
+    assert torch.equal(text.ar_input_ids, tokens.ids)  # what the loader builds from the captions
+
+    def run(shared: bool, batch):
+        model = _model(mlm=True, ar=True)
+        calls = []
+        model.tower.transformer.register_forward_hook(lambda *_: calls.append(1))
+        if shared:
+            out = model(images=images, tokens=tokens.ids, eot_index=tokens.eot_index, text=batch)
+        else:
+            out = ModelOutput(image_features=model.encode_image(images),
+                              text_features=model.encode_text(tokens.ids, tokens.eot_index),
+                              logit_scale=model.tower.logit_scale.exp(), text=model.text_predictions(batch))
+        mlm, ar = out.text["mlm"], out.text["ar"]
+        loss = (clip_loss(out.image_features, out.text_features, out.logit_scale)["loss"]
+                + token_loss(mlm.hidden, mlm.decoder_weight, mlm.labels, bias=mlm.bias)["loss"]
+                + token_loss(ar.hidden, ar.decoder_weight, ar.labels)["loss"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        return len(calls), loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    passes, loss, grads = run(True, text)
+    ref_passes, ref_loss, ref_grads = run(False, text)
+    assert (passes, ref_passes) == (2, 3)
+    torch.testing.assert_close(loss, ref_loss)
+    assert sum(g is not None for g in grads) == sum(g is not None for g in ref_grads) > 10
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r)
+    other = text_batch(list(reversed(TEXTS)), Tokenizer(context_length=cfg["text_cfg"]["context_length"]),
+                       MaskingConfig(probability=0.3), torch.Generator().manual_seed(0))
+    assert run(True, other)[0] == 3  # documents that are not the captions: the AR head runs its own pass

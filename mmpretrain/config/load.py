@@ -130,6 +130,7 @@ _RULES: list[tuple[tuple[str, ...], tuple[Callable[[Any], bool], str]]] = [
     (("optim.lr", "optim.eps", "optim.grad_clip"), _POSITIVE),
     (("model.patch_dropout", "optim.beta1", "optim.beta2"), _FRACTION),
     (("schedule.min_lr_ratio",), ((lambda v: 0 <= v <= 1), "must be in [0, 1]")),
+    (("loss.mlm_fraction", "loss.ar_fraction"), ((lambda v: 0 < v <= 1), "must be in (0, 1] (1 = every position)")),
     (("model.name", "train.output_dir"), _NON_EMPTY),
     (("train.resume",), ((lambda v: v != ""), 'must be null, "latest" or a checkpoint path')),
 ]

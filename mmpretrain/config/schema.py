@@ -133,6 +133,12 @@ class LossConfig:
     """Weight of the sentence-pair loss (when the head is on)."""
     token_chunk_size: int = 2048
     """Predicted tokens decoded at a time by the MLM/AR losses (memory: chunk x vocab)."""
+    mlm_fraction: float = 1.0
+    """Share of the masked positions the MLM loss decodes each step: 1 = all (the exact loss); below 1, a
+    uniform random subset weighted to an unbiased estimate of the same loss and gradient, for about that
+    share of the decoder's cost (mmpretrain.losses.text)."""
+    ar_fraction: float = 1.0
+    """Share of the next-token positions the AR loss decodes each step; as mlm_fraction."""
 
 
 @dataclass

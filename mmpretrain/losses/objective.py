@@ -53,7 +53,8 @@ class LossParts:
 
 def _tokens(pred: TokenPredictions, loss_cfg: LossConfig, num_targets: Any, name: str) -> dict[str, Tensor]:
     res = token_loss(pred.hidden, pred.decoder_weight, pred.labels, bias=pred.bias,
-                     chunk_size=loss_cfg.token_chunk_size, num_tokens=num_targets)
+                     chunk_size=loss_cfg.token_chunk_size, num_tokens=num_targets,
+                     fraction=getattr(loss_cfg, f"{name}_fraction", 1.0))  # loss.NAME_fraction, if the head has one
     return {"loss": res["loss"], f"{name}_accuracy": res["accuracy"], f"{name}_tokens": res["tokens"]}
 
 

@@ -9,7 +9,8 @@ vocabulary projection happens in the loss (mmpretrain.losses.token_loss) or in `
 chunks, because (N, 49410) logits are the largest tensor of the whole step on small machines.
 
 A new head: a module with `name` and `predict(tower, text)`, registered in TEXT_HEADS below and as a
-`Heads` flag, plus its loss in mmpretrain.losses.objective.OBJECTIVES and its config switch/weight.
+`Heads` flag, plus its loss in mmpretrain.losses.objective.OBJECTIVES and its config switch/weight. A
+causal head may also take `captions` (a `CausalPass`) and reuse the contrastive branch's states.
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ class TokenPredictions:
 
 
 @dataclass
+class CausalPass:
+    """The causal trunk's states over the captions, from the contrastive branch's forward. When the
+    text branch learns from those captions, the AR head reads them instead of running the trunk again
+    (CoCa: one forward, two losses); same inputs, same mode, so the same states and gradients."""
+
+    ids: Tensor  # (B, L) caption token ids
+    hidden: Tensor  # (B, L, D) text_hidden(tower, ids, causal=True)
+
+    def reads(self, ids: Tensor) -> bool:
+        """Whether `ids` are exactly the ids this pass ran on."""
+        return ids.shape == self.ids.shape and ids.device == self.ids.device and torch.equal(ids, self.ids)
+
+
+@dataclass
 class PairPredictions:
     """The sentence-pair classifier's output."""
 
@@ -113,8 +128,11 @@ class ARHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         return hidden
 
-    def predict(self, tower: nn.Module, text: TextBatch) -> TokenPredictions:
-        hidden = text_hidden(tower, text.ar_input_ids, causal=True)  # (B, L, D)
+    def predict(self, tower: nn.Module, text: TextBatch, captions: CausalPass | None = None) -> TokenPredictions:
+        if captions is not None and captions.reads(text.ar_input_ids):
+            hidden = captions.hidden  # the contrastive branch's pass over the same ids: one forward, two losses
+        else:
+            hidden = text_hidden(tower, text.ar_input_ids, causal=True)  # (B, L, D)
         selected = text.ar_labels != IGNORE_INDEX  # (B, L)
         return TokenPredictions(self(hidden[selected]), text.ar_labels[selected], tower.token_embedding.weight)
 

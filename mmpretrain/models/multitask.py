@@ -3,7 +3,8 @@
 One `forward` serves every branch so that DDP/FSDP wrappers see one call per step:
 - image–text: `images` and `tokens` + `eot_index` → normalised features and the logit scale;
 - text: a `TextBatch` → one prediction per enabled head (mmpretrain.models.heads).
-Either may be absent. It returns a `ModelOutput`; loss functions live in mmpretrain.losses and the
+Either may be absent. When the text batch is made from the captions of the image–text batch, the AR
+head reads the contrastive branch's causal pass instead of running the trunk a second time. It returns a `ModelOutput`; loss functions live in mmpretrain.losses and the
 objective (mmpretrain.losses.objective) weights and sums them.
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpretrain.data.records import TextBatch
-from mmpretrain.models.heads import TEXT_HEADS, Heads, PairPredictions, TokenPredictions
+from mmpretrain.models.heads import TEXT_HEADS, ARHead, CausalPass, Heads, PairPredictions, TokenPredictions
 from mmpretrain.models.text_trunk import pool_at, project_text, text_hidden
 from mmpretrain.models.towers import TowerOptions, build_dual_tower, image_tower_locked
 
@@ -54,31 +55,44 @@ class MultitaskModel(nn.Module):
 
     def encode_text(self, tokens: Tensor, eot_index: Tensor, normalize: bool = True) -> Tensor:
         """CLIP text embedding: causal trunk, pooled at the end-of-text position, projected."""
-        hidden = text_hidden(self.tower, tokens, causal=True)  # (B, L, D)
-        features = project_text(self.tower, pool_at(hidden, eot_index))  # (B, E)
+        return self._text_features(CausalPass(tokens, text_hidden(self.tower, tokens, causal=True)), eot_index,
+                                   normalize)
+
+    def _text_features(self, captions: CausalPass, eot_index: Tensor, normalize: bool = True) -> Tensor:
+        features = project_text(self.tower, pool_at(captions.hidden, eot_index))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     # ------------------------------------------------------------------ text branch
-    def text_predictions(self, text: TextBatch, names: Iterable[str] | None = None
-                         ) -> dict[str, TokenPredictions | PairPredictions]:
-        """Predictions of the enabled heads among `names` (None: all of them; training uses all)."""
+    def text_predictions(self, text: TextBatch, names: Iterable[str] | None = None,
+                         captions: CausalPass | None = None) -> dict[str, TokenPredictions | PairPredictions]:
+        """Predictions of the enabled heads among `names` (None: all of them; training uses all).
+        `captions`: the contrastive branch's causal pass, which the AR head reuses when `text` is
+        those captions."""
         wanted = self.heads.names() if names is None else [n for n in self.heads.names() if n in set(names)]
-        return {name: self.text_head(name).predict(self.tower, text) for name in wanted}
+        return {name: self._predict(name, text, captions) for name in wanted}
+
+    def _predict(self, name: str, text: TextBatch, captions: CausalPass | None):
+        head = self.text_head(name)
+        if captions is not None and isinstance(head, ARHead):
+            return head.predict(self.tower, text, captions)
+        return head.predict(self.tower, text)
 
     def forward(self, images: Tensor | None = None, tokens: Tensor | None = None,
                 eot_index: Tensor | None = None, text: TextBatch | None = None) -> ModelOutput:
         out = ModelOutput()
+        captions = None
         if images is not None:
             out.image_features = self.encode_image(images)
         if tokens is not None:
             if eot_index is None:
                 raise ValueError("tokens need eot_index: the text embedding is pooled at the end-of-text position")
-            out.text_features = self.encode_text(tokens, eot_index)
+            captions = CausalPass(tokens, text_hidden(self.tower, tokens, causal=True))  # (B, L, D) states
+            out.text_features = self._text_features(captions, eot_index)
         if images is not None or tokens is not None:
             out.logit_scale = self.tower.logit_scale.exp()
             out.logit_bias = self.tower.logit_bias
         if text is not None:
-            out.text = self.text_predictions(text)
+            out.text = self.text_predictions(text, captions=captions)
         return out
 
     # ------------------------------------------------------------------ training-time behaviour

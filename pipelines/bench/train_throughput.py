@@ -89,7 +89,7 @@ def make_batches(cfg, model_cfg: dict, count: int, seed: int) -> list[ImageTextB
         batches.append(ImageTextBatch(
             images=torch.randn(cfg.data.batch_size, 3, size, size, generator=g), tokens=tokens.ids,
             eot_index=tokens.eot_index, lengths=tokens.lengths, labels=torch.full((len(captions),), -1),
-            text=text_batch(documents, tokenizer, MaskingConfig(), g)))
+            captions=captions, text=text_batch(documents, tokenizer, MaskingConfig(), g)))
     return batches
 
 
@@ -126,7 +126,8 @@ class Bare:
 
 # -- 1. overhead ---------------------------------------------------------------------------------
 def bench_overhead(args, work: Path) -> dict:
-    cfg = make_config(args, work, ["train.steps=100000"])  # a long schedule: no step runs at lr 0
+    # A long schedule (no step at lr 0); the exact token losses, which the bare loop computes too.
+    cfg = make_config(args, work, ["train.steps=100000", "loss.mlm_fraction=1", "loss.ar_fraction=1"])
     if not (cfg.model.mlm and cfg.model.ar) or cfg.model.sentence_pair:
         sys.exit("the bare loop runs the contrastive, MLM and AR losses: use a config with both heads and no pair head")
     trainer = Trainer(cfg)
