@@ -41,6 +41,7 @@ class Row:
     mlm_accuracy: float | None = None
     ar_perplexity: float | None = None
     samples_per_s: float | None = None
+    seed: int | None = None
     missing: list[str] = field(default_factory=list)
 
 
@@ -98,6 +99,8 @@ def collect(out: Path, name: str) -> Row:
     config_path = run / "config.yaml"
     config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
     row = Row(name=name, objective=objective_label(config, name))
+    seed = (config or {}).get("train", {}).get("seed")
+    row.seed = seed if isinstance(seed, int) else None
     metrics_path = run / "metrics.jsonl"
     train = read_train_lines(metrics_path) if metrics_path.is_file() else []
     if not train:
@@ -121,6 +124,18 @@ def collect(out: Path, name: str) -> Row:
     return row
 
 
+def steps_for_budget(run: Path, seconds: float, skip: int = 5) -> int:
+    """Optimizer steps that fit in `seconds`, from a calibration run logged every step: the median
+    wall time between consecutive train lines after the first `skip` (start-up, shuffle buffer)."""
+    train = read_train_lines(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    timed = [(rec["step"], rec["time"]) for rec in train if _number(rec.get("time")) is not None]
+    gaps = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(timed, timed[1:])][skip:]
+    if len(gaps) < 3:
+        raise SystemExit(f"compare_objectives: {run}/metrics.jsonl has too few timed steps to calibrate; "
+                         f"give CALIBRATE_STEPS >= {skip + 4}")
+    return max(1, int(seconds / statistics.median(gaps)))
+
+
 def value(row: Row, attr: str) -> float | None:
     return row.losses.get("clip") if attr == "clip_loss" else getattr(row, attr)
 
@@ -136,12 +151,13 @@ def _num(v: float | None, digits: int) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     headers = ["objective", "final train loss parts", "text→image R@1", "image→text R@1", "zero-shot top-1",
-               "MLM accuracy", "AR perplexity", "samples/s"]
+               "MLM accuracy", "AR perplexity", "samples/s", "steps", "seed"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for r in rows:
         losses = ", ".join(f"{k} {v:.3f}" for k, v in r.losses.items()) or DASH
         cells = [r.objective, losses, _pct(r.t2i_r1), _pct(r.i2t_r1), _pct(r.zeroshot_top1),
-                 _pct(r.mlm_accuracy), _num(r.ar_perplexity, 1), _num(r.samples_per_s, 0)]
+                 _pct(r.mlm_accuracy), _num(r.ar_perplexity, 1), _num(r.samples_per_s, 0),
+                 DASH if r.steps is None else str(r.steps), DASH if r.seed is None else str(r.seed)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -214,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="the folder holding one run directory per objective")
     p.add_argument("names", nargs="+", help="run directory names under OUT, in table order")
+    p.add_argument("--steps-for-budget", type=float, metavar="SECONDS",
+                   help="print the steps that fit in SECONDS, timed from the calibration run OUT/NAME, and exit")
     args = p.parse_args(argv)
+    if args.steps_for_budget is not None:
+        print(steps_for_budget(args.out / args.names[0], args.steps_for_budget))
+        return 0
     absent = [n for n in args.names if not (args.out / n).is_dir()]
     if absent:
         print(f"compare_objectives: no run folder {', '.join(str(args.out / n) for n in absent)}", file=sys.stderr)

@@ -15,9 +15,15 @@
 #   sop           + MLM + AR + sentence order   model.sentence_pair=sop
 # Same budget: every run gets the same train.steps, image-text batch, text batch and seed, so the image
 # side sees the same number of pairs; the runs with text heads also spend compute on a text batch per step.
+# Equal wall-clock instead: BUDGET=SECONDS times CALIBRATE_STEPS steps of each objective first (a short
+# run logged every step, under $OUT/.calibrate) and gives each run the steps that fit in SECONDS, so a
+# slower objective trains fewer steps (its schedule still completes: warmup and cosine over its steps).
+# SEEDS="0 1" repeats everything per seed (run folders NAME-sSEED); EXTRA="loss.ar_fraction=0.05 ..."
+# adds overrides to every run (loss weights, fractions, batch shares; they are in each config.yaml).
 #
 # Output, under $OUT (default compare_runs):
-#   NAME/                  the run directory (config.yaml, metrics.jsonl, checkpoints/)
+#   NAME/                  the run directory (config.yaml, metrics.jsonl, checkpoints/); NAME-sSEED with SEEDS
+#   NAME.steps             with BUDGET: the steps the calibration gave the run
 #   NAME/retrieval.json    mmpretrain eval retrieval on $IMAGE_SHARDS/val
 #   NAME/zeroshot.json     mmpretrain eval zeroshot on $IMAGE_SHARDS/val with $CLASSNAMES
 #   NAME/text.json         mmpretrain eval text on $TEXT_SHARDS/val (runs with a text head; the
@@ -39,8 +45,10 @@ OBJECTIVES=${OBJECTIVES:-contrastive mlm ar mlm-ar sop}   # a subset or another 
 STEPS=${STEPS:-300}                             # optimizer steps per run
 BATCH=${BATCH:-32}                              # image-text pairs per process per step
 TEXT_BATCH=${TEXT_BATCH:-$BATCH}                # text documents per process per step (text heads only)
-SEED=${SEED:-0}
-WARMUP=${WARMUP:-$(( STEPS / 15 < 20 ? STEPS / 15 : 20 ))}   # schedule.warmup_steps: tiny's 20 at 300 steps, less for fewer
+SEEDS=${SEEDS:-${SEED:-0}}                      # one or more train.seed values
+BUDGET=${BUDGET:-}                              # seconds of training per run (equal wall-clock); empty: STEPS
+CALIBRATE_STEPS=${CALIBRATE_STEPS:-25}          # steps timed per objective for BUDGET
+EXTRA=${EXTRA:-}                                # overrides added to every run
 LOG_EVERY=${LOG_EVERY:-10}
 IMAGE_SHARDS=${IMAGE_SHARDS:-shards/demo}       # a `prepare` output folder: train/ and val/ (labelled val)
 TEXT_SHARDS=${TEXT_SHARDS:-shards/demo-text}    # a text-only `prepare` output folder: train/ and val/
@@ -49,6 +57,8 @@ LAUNCH=${LAUNCH:-mmpretrain train}              # or: accelerate launch --config
 EVAL_ARGS=${EVAL_ARGS:---no-progress}           # extra flags for every `mmpretrain eval`
 read -ra LAUNCH_CMD <<< "$LAUNCH"
 read -ra EVAL_EXTRA <<< "$EVAL_ARGS"
+read -ra EXTRA_ARGS <<< "$EXTRA"
+warmup() { echo "${WARMUP:-$(( $1 / 15 < 20 ? $1 / 15 : 20 ))}"; }   # tiny's 20 at 300 steps, less for fewer
 
 # -- data: the demo shards, drawn here when they are missing (the same steps as pipelines/quickstart.sh) --
 if [ ! -d "$IMAGE_SHARDS/train" ] || [ ! -d "$TEXT_SHARDS/train" ]; then
@@ -81,20 +91,47 @@ objective_overrides() {   # the model.* overrides that make objective $1
     esac
 }
 
-mkdir -p "$OUT"
-for NAME in $OBJECTIVES; do
-    read -ra MODEL_ARGS <<< "$(objective_overrides "$NAME")"
-    RUN=$OUT/$NAME
-    [ "${FRESH:-0}" = 1 ] && rm -rf "$RUN"
-    echo "== train $NAME -> $RUN (${MODEL_ARGS[*]:-both text heads, as configured})"
+train() {   # train NAME RUN STEPS SEED [overrides...]
+    local name=$1 run=$2 steps=$3 seed=$4
+    shift 4
+    read -ra MODEL_ARGS <<< "$(objective_overrides "$name")"
     "${LAUNCH_CMD[@]}" --config "$CONFIG" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} \
-        train.output_dir="$RUN" train.resume=latest train.steps="$STEPS" train.seed="$SEED" \
+        train.output_dir="$run" train.resume=latest train.steps="$steps" train.seed="$seed" \
         train.checkpoint_every=0 data.batch_size="$BATCH" data.text_batch_size="$TEXT_BATCH" \
         data.train_shards="$IMAGE_SHARDS/train" data.text_shards="$TEXT_SHARDS/train" \
         eval.every=0 logging.log_every="$LOG_EVERY" logging.trackers="[]" logging.progress=false \
-        schedule.warmup_steps="$WARMUP"
+        schedule.warmup_steps="$(warmup "$steps")" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} "$@"
+}
 
-    echo "== evaluate $NAME"
+mkdir -p "$OUT"
+RUNS=()
+for SEED in $SEEDS; do
+for NAME in $OBJECTIVES; do
+    objective_overrides "$NAME" > /dev/null
+    RUN_NAME=$NAME
+    [ "$(wc -w <<< "$SEEDS")" -gt 1 ] && RUN_NAME=$NAME-s$SEED
+    RUN=$OUT/$RUN_NAME
+    RUNS+=("$RUN_NAME")
+    [ "${FRESH:-0}" = 1 ] && rm -rf "$RUN" "$RUN.steps"
+    RUN_STEPS=$STEPS
+    if [ -n "$BUDGET" ]; then
+        if [ -f "$RUN.steps" ]; then
+            RUN_STEPS=$(cat "$RUN.steps")            # a resumed run keeps the steps it was given
+        else
+            CAL=$OUT/.calibrate/$RUN_NAME
+            rm -rf "$CAL"
+            echo "== time $NAME (seed $SEED): $CALIBRATE_STEPS steps"
+            train "$NAME" "$CAL" "$CALIBRATE_STEPS" "$SEED" logging.log_every=1 > /dev/null 2>&1
+            RUN_STEPS=$("$BIN/python" pipelines/compare_objectives.py "$OUT/.calibrate" "$RUN_NAME" \
+                --steps-for-budget "$BUDGET")
+            rm -rf "$CAL"
+            echo "$RUN_STEPS" > "$RUN.steps"
+        fi
+    fi
+    echo "== train $NAME (seed $SEED, $RUN_STEPS steps) -> $RUN"
+    train "$NAME" "$RUN" "$RUN_STEPS" "$SEED"
+
+    echo "== evaluate $RUN_NAME"
     mmpretrain eval retrieval --checkpoint "$RUN" --shards "$IMAGE_SHARDS/val" "${EVAL_EXTRA[@]}" \
         --out "$RUN/retrieval.json" > /dev/null
     mmpretrain eval zeroshot --checkpoint "$RUN" --shards "$IMAGE_SHARDS/val" "${EVAL_EXTRA[@]}" \
@@ -106,7 +143,8 @@ for NAME in $OBJECTIVES; do
         rm -f "$RUN/text.json"
     fi
 done
+done
+rm -rf "$OUT/.calibrate"
 
 echo "== comparison -> $OUT/comparison.md, $OUT/comparison.png"
-# shellcheck disable=SC2086  # OBJECTIVES is a word list on purpose
-"$BIN/python" pipelines/compare_objectives.py "$OUT" $OBJECTIVES
+"$BIN/python" pipelines/compare_objectives.py "$OUT" "${RUNS[@]}"

@@ -30,12 +30,13 @@ def make_run(out: Path, name: str, *, t2i: float, speeds=(50.0, 100.0, 120.0, 11
     mlm, ar, pair = HEADS[name]
     run = out / name
     run.mkdir(parents=True)
-    config = {"model": {"name": "tiny", "mlm": mlm, "ar": ar, "sentence_pair": pair}, "train": {"steps": 30}}
+    config = {"model": {"name": "tiny", "mlm": mlm, "ar": ar, "sentence_pair": pair}, "train": {"steps": 30, "seed": 3}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for i, speed in enumerate(speeds):
         step = 10 * i
-        rec = {"kind": "train", "step": step, "loss": 5.0 - i, "clip_loss": 3.0 - 0.5 * i, "samples_per_s": speed}
+        rec = {"kind": "train", "step": step, "time": 1000.0 + 2.0 * step, "loss": 5.0 - i, "clip_loss": 3.0 - 0.5 * i,
+               "samples_per_s": speed}
         if mlm:
             rec["mlm_loss"] = 9.0 - i
         if ar:
@@ -82,7 +83,8 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
 def test_table_holds_the_numbers_of_the_files(runs):
     rows = table_rows(table(runs, list(HEADS)))
     assert list(rows) == ["contrastive", "+MLM", "+AR", "+MLM+AR", "+MLM+AR+SOP"]
-    loss, t2i, i2t, top1, mlm_acc, ppl, speed = rows["+MLM+AR"]
+    loss, t2i, i2t, top1, mlm_acc, ppl, speed, steps, seed = rows["+MLM+AR"]
+    assert (steps, seed) == ("30", "3")  # the last train step, the config's train.seed
     # The last train line (the resumed step 30, not the cut line): every part, short names.
     assert loss == "clip 1.250, mlm 6.500, ar 5.500"
     assert (t2i, i2t, top1) == ("40.0 %", "20.0 %", "50.0 %")
@@ -146,3 +148,18 @@ def test_objective_label_from_config():
     assert co.objective_label(None, "dir-name") == "dir-name"
     assert co.objective_label({"model": {"mlm": False, "ar": False}}, "x") == "contrastive"
     assert co.objective_label({"model": {"mlm": True, "ar": False, "sentence_pair": "nsp"}}, "x") == "+MLM+NSP"
+
+
+def test_steps_for_budget_from_the_calibration_runs_step_times(tmp_path):
+    """Steps that fit in the budget: the median seconds per step between consecutive train lines,
+    start-up lines left out; too few timed steps is a one-line exit."""
+    run = tmp_path / "cal"
+    run.mkdir()
+    times = [0.0, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.1, 8.6, 9.1, 11.1, 11.6]  # 0.5 s a step, one slow step
+    lines = [json.dumps({"kind": "train", "step": i + 1, "time": 100 + t}) for i, t in enumerate(times)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert co.steps_for_budget(run, 60.0, skip=1) == 120  # median 0.5 s
+    assert co.main([str(tmp_path), "cal", "--steps-for-budget", "30"]) == 0
+    (run / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    with pytest.raises(SystemExit, match="too few timed steps"):
+        co.steps_for_budget(run, 60.0)
