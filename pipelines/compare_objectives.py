@@ -183,11 +183,14 @@ def draw(rows: list[Row]):
     fig = Figure(figsize=(4.2 * cols, 3.4 * nrows + 0.9), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     steps = sorted({r.steps for r in rows if r.steps is not None})
-    fig.suptitle(f"Objectives compared — {'/'.join(map(str, steps)) or '?'} steps each", fontsize=13)
+    span = "?" if not steps else str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+    fig.suptitle(f"Objectives compared — {span} steps each", fontsize=13)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax in axes[len(METRICS):]:
         ax.set_visible(False)
     colors = [f"C{i}" for i in range(len(rows))]
+    seeded = len({r.seed for r in rows}) > 1  # runs of several seeds: say which bar is which
+    names = [f"{r.objective} (seed {r.seed})" if seeded else r.objective for r in rows]
     x = list(range(len(rows)))
     for ax, (title, attr, pct, higher) in zip(axes, METRICS):
         vals = [value(r, attr) for r in rows]
@@ -202,9 +205,9 @@ def draw(rows: list[Row]):
         ax.set_ylim(0, top * 1.18)
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=10)
         ax.set_ylabel("%" if pct else "")
-        ax.set_xticks(x, [r.objective for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(handles=[Patch(color=c, label=r.objective) for c, r in zip(colors, rows)],
+    fig.legend(handles=[Patch(color=c, label=name) for c, name in zip(colors, names)],
                loc="outside lower center", ncol=len(rows), fontsize=9)
     return fig
 

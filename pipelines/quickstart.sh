@@ -17,7 +17,7 @@ BIN=${BIN:-.venv/bin}                    # where `make install` put mmpretrain a
 STEPS=${STEPS:-}                         # e.g. STEPS=200 for a quicker look (the config says 1200)
 RUN=$DEMO/run
 export PATH="$BIN:$PATH"
-# The same numbers on any x86-64 machine with these library versions: one thread per process (the
+# Fewer differences between machines (README, "What varies between machines"): one thread per process (the
 # trainer would size threads by the core count, and a different thread count sums in another order),
 # and the AVX2 code paths of torch's CPU kernels and of MKL (an AVX-512 machine otherwise takes other
 # kernels, which round differently). Each alone moves the loss in the 6th digit within 50 steps, and

@@ -163,3 +163,14 @@ def test_steps_for_budget_from_the_calibration_runs_step_times(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
     with pytest.raises(SystemExit, match="too few timed steps"):
         co.steps_for_budget(run, 60.0)
+
+
+def test_plot_names_the_seed_when_runs_have_several(tmp_path):
+    for name in ("contrastive", "mlm"):
+        run = make_run(tmp_path, name, t2i=0.3)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["train"]["seed"] = 0 if name == "contrastive" else 1
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    fig = co.draw([co.collect(tmp_path, n) for n in ("contrastive", "mlm")])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["contrastive (seed 0)", "+MLM (seed 1)"]

@@ -109,7 +109,9 @@ def token_loss(
     N predicted positions (drawn from torch's default generator of hidden's device, so a resumed or
     re-run step draws the same), each weighted N / k: an unbiased estimate of the value and gradient
     above (module docstring). `positions` (k,) instead names the subset: indices into the N
-    predicted positions in row-major order, distinct (the tests enumerate subsets with it).
+    predicted positions in row-major order, distinct (the tests enumerate subsets with it). Each
+    process draws from its own positions, so 1 and 2 processes on one global batch decode different
+    subsets: the same estimator, not the same numbers (exact equality needs fraction 1).
 
     Returns {"loss", "accuracy", "tokens"}: accuracy is correct / decoded over this call's decoded
     tokens on all ranks (0 when there are none), tokens is N_global (every predicted token, decoded
