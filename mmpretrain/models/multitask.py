@@ -4,8 +4,9 @@ One `forward` serves every branch so that DDP/FSDP wrappers see one call per ste
 - image–text: `images` and `tokens` + `eot_index` → normalised features and the logit scale;
 - text: a `TextBatch` → one prediction per enabled head (mmpretrain.models.heads).
 Either may be absent. When the text batch is made from the captions of the image–text batch, the AR
-head reads the contrastive branch's causal pass instead of running the trunk a second time. It returns a `ModelOutput`; loss functions live in mmpretrain.losses and the
-objective (mmpretrain.losses.objective) weights and sums them.
+head reads the contrastive branch's causal pass instead of running the trunk a second time. It
+returns a `ModelOutput`; loss functions live in mmpretrain.losses and the objective
+(mmpretrain.losses.objective) weights and sums them.
 """
 
 from __future__ import annotations
