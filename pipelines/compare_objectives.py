@@ -58,14 +58,24 @@ METRICS = (
 
 
 def objective_label(config: dict | None, fallback: str) -> str:
-    """"contrastive", "+MLM", "+AR", "+MLM+AR", "+MLM+AR+SOP" from the run's resolved model section."""
+    """"contrastive", "+MLM", "+AR", "+MLM+AR", "+MLM+AR+SOP" from the run's resolved model section, with
+    what else shapes the text branch: "(text batch 8/32)" when it differs from the image-text batch,
+    "(text weight → 0 after 50 %)" for a warm-down (loss.text_weight_end)."""
     if not config:
         return fallback
     model = config.get("model", {})
     parts = [tag for key, tag in (("mlm", "MLM"), ("ar", "AR")) if model.get(key)]
     if model.get("sentence_pair"):
         parts.append(str(model["sentence_pair"]).upper())
-    return "contrastive" if not parts else "+" + "+".join(parts)
+    if not parts:
+        return "contrastive"
+    notes = []
+    data, loss = config.get("data", {}), config.get("loss", {})
+    if data.get("text_batch_size", data.get("batch_size")) != data.get("batch_size"):
+        notes.append(f"text batch {data['text_batch_size']}/{data['batch_size']}")
+    if loss.get("text_weight_end", 1.0) != 1.0:
+        notes.append(f"text weight → {loss['text_weight_end']:g} after {100 * loss.get('text_weight_decay_from', 0):g} %")
+    return "+" + "+".join(parts) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def read_train_lines(path: Path) -> list[dict]:

@@ -13,6 +13,10 @@
 #   ar            + next-token (AR)             model.mlm=false
 #   mlm-ar        + masked-LM + next-token      (the tiny recipe as it is)
 #   sop           + MLM + AR + sentence order   model.sentence_pair=sop
+# A name may add modifiers, each after a "+": mlm-ar+warmdown holds the text weights for half the run,
+# then brings them down to 0 along a cosine (loss.text_weight_end=0 loss.text_weight_decay_from=0.5);
+# mlm-ar+text8 gives the text batch 8 documents per process (data.text_batch_size=8); both combine
+# (mlm-ar+text8+warmdown).
 # Same budget: every run gets the same train.steps, image-text batch, text batch and seed, so the image
 # side sees the same number of pairs; the runs with text heads also spend compute on a text batch per step.
 # Equal wall-clock instead: BUDGET=SECONDS times CALIBRATE_STEPS steps of each objective first (a short
@@ -80,27 +84,38 @@ if [ -n "$CLASSNAMES" ]; then
     CLASSNAME_ARGS=(--classnames "$CLASSNAMES")
 fi
 
-objective_overrides() {   # the model.* overrides that make objective $1
-    case "$1" in
-        contrastive) echo "model.mlm=false model.ar=false" ;;
-        mlm)         echo "model.ar=false" ;;
-        ar)          echo "model.mlm=false" ;;
-        mlm-ar)      echo "" ;;
-        sop)         echo "model.sentence_pair=sop" ;;
-        *) echo "compare_objectives: unknown objective '$1' (contrastive mlm ar mlm-ar sop)" >&2; return 2 ;;
+objective_overrides() {   # the overrides that make objective $1: BASE[+MODIFIER...]
+    local base=${1%%+*} args mods=() mod
+    case "$base" in
+        contrastive) args="model.mlm=false model.ar=false" ;;
+        mlm)         args="model.ar=false" ;;
+        ar)          args="model.mlm=false" ;;
+        mlm-ar)      args="" ;;
+        sop)         args="model.sentence_pair=sop" ;;
+        *) echo "compare_objectives: unknown objective '$base' (contrastive mlm ar mlm-ar sop)" >&2; return 2 ;;
     esac
+    [ "$base" != "$1" ] && IFS=+ read -ra mods <<< "${1#*+}"
+    for mod in ${mods[@]+"${mods[@]}"}; do
+        case "$mod" in
+            warmdown)  args+=" loss.text_weight_end=0 loss.text_weight_decay_from=0.5" ;;
+            text[0-9]*) args+=" data.text_batch_size=${mod#text}" ;;
+            *) echo "compare_objectives: unknown modifier '$mod' in '$1' (warmdown, textN)" >&2; return 2 ;;
+        esac
+    done
+    echo "$args"
 }
 
 train() {   # train NAME RUN STEPS SEED [overrides...]
     local name=$1 run=$2 steps=$3 seed=$4
     shift 4
     read -ra MODEL_ARGS <<< "$(objective_overrides "$name")"
-    "${LAUNCH_CMD[@]}" --config "$CONFIG" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} \
+    "${LAUNCH_CMD[@]}" --config "$CONFIG" \
         train.output_dir="$run" train.resume=latest train.steps="$steps" train.seed="$seed" \
         train.checkpoint_every=0 data.batch_size="$BATCH" data.text_batch_size="$TEXT_BATCH" \
         data.train_shards="$IMAGE_SHARDS/train" data.text_shards="$TEXT_SHARDS/train" \
         eval.every=0 logging.log_every="$LOG_EVERY" logging.trackers="[]" logging.progress=false \
-        schedule.warmup_steps="$(warmup "$steps")" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} "$@"
+        schedule.warmup_steps="$(warmup "$steps")" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} \
+        ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} "$@"
 }
 
 mkdir -p "$OUT"
@@ -136,7 +151,7 @@ for NAME in $OBJECTIVES; do
         --out "$RUN/retrieval.json" > /dev/null
     mmpretrain eval zeroshot --checkpoint "$RUN" --shards "$IMAGE_SHARDS/val" "${EVAL_EXTRA[@]}" \
         ${CLASSNAME_ARGS[@]+"${CLASSNAME_ARGS[@]}"} --out "$RUN/zeroshot.json" > /dev/null
-    if [ "$NAME" != contrastive ]; then   # the only objective without a text head
+    if [ "${NAME%%+*}" != contrastive ]; then   # the only objective without a text head
         mmpretrain eval text --checkpoint "$RUN" --shards "$TEXT_SHARDS/val" "${EVAL_EXTRA[@]}" \
             --seed "$SEED" --out "$RUN/text.json" > /dev/null
     else

@@ -148,6 +148,11 @@ def test_objective_label_from_config():
     assert co.objective_label(None, "dir-name") == "dir-name"
     assert co.objective_label({"model": {"mlm": False, "ar": False}}, "x") == "contrastive"
     assert co.objective_label({"model": {"mlm": True, "ar": False, "sentence_pair": "nsp"}}, "x") == "+MLM+NSP"
+    shaped = {"model": {"mlm": True, "ar": True}, "data": {"batch_size": 32, "text_batch_size": 8},
+              "loss": {"text_weight_end": 0.0, "text_weight_decay_from": 0.5}}
+    assert co.objective_label(shaped, "x") == "+MLM+AR (text batch 8/32, text weight → 0 after 50 %)"
+    plain = {"model": {"mlm": False, "ar": False}, "data": {"batch_size": 32, "text_batch_size": 8}}
+    assert co.objective_label(plain, "x") == "contrastive"  # no text branch: nothing to shape
 
 
 def test_steps_for_budget_from_the_calibration_runs_step_times(tmp_path):

@@ -157,6 +157,8 @@ def test_override_syntax_errors(item, expected):
     (["loss.mlm_weight=-0.5"], "loss.mlm_weight = -0.5: must be >= 0"),
     (["loss.ar_fraction=0"], "loss.ar_fraction = 0.0: must be in (0, 1] (1 = every position)"),
     (["loss.mlm_fraction=1.5"], "loss.mlm_fraction = 1.5: must be in (0, 1] (1 = every position)"),
+    (["loss.text_weight_end=-0.5"], "loss.text_weight_end = -0.5: must be >= 0"),
+    (["loss.text_weight_decay_from=1"], "loss.text_weight_decay_from = 1.0: must be in [0, 1)"),
     (["loss.contrastive=siglip", "loss.local_loss=true"], "loss.local_loss = True: only loss.contrastive = clip"),
     (["model.sentence_pair=mlm"], "model.sentence_pair = 'mlm': must be one of null, nsp, sop"),
     (["model.patch_dropout=1.0"], "model.patch_dropout = 1.0: must be in [0, 1)"),

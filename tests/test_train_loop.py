@@ -322,6 +322,22 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(shards, tmp_pa
     assert len(evals) == 1 and evals[0]["retrieval/num_samples"] == 24 and evals[0]["text/num_texts"] == 18
 
 
+def test_text_weight_warm_down_weights_each_logged_step(shards, tmp_path, one_thread):
+    """loss.text_weight_end=0: every step's loss is clip + factor x (mlm + ar), the factor a cosine from
+    1 at the first step to 0 at the last, and the text heads still train (their loss is in the graph)."""
+    images, text = shards
+    _fit_in_process(train_overrides(tmp_path, images, text, **{"train.steps": 5, "train.checkpoint_every": 0,
+                                                                  "loss.text_weight_end": 0}))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert [r["text_weight"] for r in train] == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6)
+    for r in train:
+        assert r["mlm_loss"] > 1 and r["ar_loss"] > 1  # computed and logged at any weight
+        assert r["loss"] == pytest.approx(r["clip_loss"] + r["text_weight"] * (r["mlm_loss"] + r["ar_loss"]),
+                                          rel=1e-5)
+
+
 def test_unknown_tracker_is_a_config_error(tmp_path):
     from mmpretrain.train.runlog import check_trackers
 

@@ -269,3 +269,28 @@ def test_a_new_head_needs_only_its_class_and_its_registrations(tokenizer, monkey
     weights = {"clip": 1.0, "mlm": 1.0, "ar": 1.0, "pair": 1.0, "echo": 0.5}
     assert big["loss"] == pytest.approx(sum(weights[p] * big[f"{p}_loss"] for p in parts), rel=1e-12)
     assert big_grads["echo_head.dense.weight"].abs().sum() > 0
+
+
+# -- the text weights' warm-down (loss.text_weight_end, loss.text_weight_decay_from) ------------------
+def test_text_weight_factor_is_a_cosine_from_one_to_the_end_value():
+    import math
+
+    from mmpretrain.losses.objective import scheduled, text_weight_factor
+
+    down = LossConfig(text_weight_end=0.0)
+    assert [text_weight_factor(down, s, 11) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert text_weight_factor(down, 2, 11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)), abs=1e-12)
+    late = LossConfig(text_weight_end=0.2, text_weight_decay_from=0.5)
+    assert [text_weight_factor(late, s, 11) for s in range(6)] == [1.0] * 6  # held until half the run
+    assert text_weight_factor(late, 8, 11) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.6)), abs=1e-12)
+    assert text_weight_factor(late, 10, 11) == pytest.approx(0.2, abs=1e-12)
+    assert text_weight_factor(down, 0, 1) == 0.0  # a one-step run's only step is its last
+
+    cfg = LossConfig(clip_weight=2.0, mlm_weight=0.5, ar_weight=3.0, pair_weight=1.5, text_weight_end=0.0)
+    scaled, factor = scheduled(cfg, 5, 11)
+    assert factor == pytest.approx(0.5)
+    assert (scaled.clip_weight, scaled.mlm_weight, scaled.ar_weight, scaled.pair_weight) == pytest.approx(
+        (2.0, 0.25, 1.5, 0.75))
+    assert cfg.mlm_weight == 0.5  # the run's config is not changed
+    constant = LossConfig()
+    assert scheduled(constant, 7, 11) == (constant, 1.0)

@@ -139,6 +139,12 @@ class LossConfig:
     share of the decoder's cost (mmpretrain.losses.text)."""
     ar_fraction: float = 1.0
     """Share of the next-token positions the AR loss decodes each step; as mlm_fraction."""
+    text_weight_end: float = 1.0
+    """Text heads' weight at the last step, as a multiple of loss.{mlm,ar,pair}_weight: the multiplier is
+    1 until text_weight_decay_from, then follows a cosine down to this value (1 = constant weights; 0 =
+    a warm-down that ends on the contrastive loss alone). Logged as text_weight."""
+    text_weight_decay_from: float = 0.0
+    """Where the text weights' cosine starts, as a fraction of train.steps (0 = from the first step)."""
 
 
 @dataclass

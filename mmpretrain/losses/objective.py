@@ -13,6 +13,8 @@ A new text head registers its loss here:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,3 +135,26 @@ def weighted_sum(terms: dict[str, Tensor], loss_cfg: LossConfig) -> Tensor:
     if not terms:
         raise ValueError("the model output has nothing to compute a loss from (no features, no text heads)")
     return torch.stack([getattr(loss_cfg, f"{name}_weight") * term for name, term in terms.items()]).sum()
+
+
+def text_weight_factor(loss_cfg: LossConfig, step: int, steps: int) -> float:
+    """The multiplier of every text head's weight at optimizer step `step` (0-based) of `steps`: 1 before
+    loss.text_weight_decay_from · steps, then a cosine that reaches loss.text_weight_end at the last step."""
+    end, start = loss_cfg.text_weight_end, loss_cfg.text_weight_decay_from
+    if end == 1.0:
+        return 1.0
+    progress = step / (steps - 1) if steps > 1 else 1.0  # 0 at the first step, 1 at the last
+    if progress <= start:
+        return 1.0
+    t = (progress - start) / (1.0 - start)
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def scheduled(loss_cfg: LossConfig, step: int, steps: int) -> tuple[LossConfig, float]:
+    """loss_cfg with the text heads' weights (every objective but "clip") times text_weight_factor, and
+    the factor. The same config object comes back when the factor is 1."""
+    factor = text_weight_factor(loss_cfg, step, steps)
+    if factor == 1.0:
+        return loss_cfg, factor
+    weights = {f"{name}_weight": getattr(loss_cfg, f"{name}_weight") * factor for name in OBJECTIVES if name != "clip"}
+    return dataclasses.replace(loss_cfg, **weights), factor

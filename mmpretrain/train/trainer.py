@@ -28,6 +28,7 @@ from mmpretrain.data.loader import Loader, TextBranch, build_train_loaders
 from mmpretrain.data.records import ImageTextBatch, TextBatch
 from mmpretrain.errors import UserError
 from mmpretrain.eval.periodic import PeriodicEval
+from mmpretrain.losses.objective import scheduled
 from mmpretrain.losses.siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from mmpretrain.models import TowerOptions, build_model, load_model_config, load_open_clip_weights
 from mmpretrain.models.heads import Heads
@@ -102,9 +103,12 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        local = accumulate_step(self.model, micro_batches, cfg.loss, backward=acc.backward,
+        loss_cfg, text_weight = scheduled(cfg.loss, self.step, cfg.train.steps)  # loss.text_weight_end
+        local = accumulate_step(self.model, micro_batches, loss_cfg, backward=acc.backward,
                                 no_sync=lambda: acc.no_sync(self.model))
         metrics = self._mean_over_processes(local)
+        if cfg.loss.text_weight_end != 1.0:
+            metrics["text_weight"] = text_weight
         if not math.isfinite(metrics["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
             parts = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.endswith("_loss"))
