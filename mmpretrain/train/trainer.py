@@ -62,6 +62,7 @@ class Trainer:
         set_seed(cfg.train.seed)  # the same initial weights on every process
         if acc.device.type == "cpu":
             runtime.share_cpu_cores(acc.num_processes, cfg.data.num_workers)
+            runtime.keep_freed_memory()  # no page faults for the per-step (V, D) gradients
         self.model_cfg = load_model_config(cfg.model.name)
         context = self.model_cfg["text_cfg"].get("context_length", 77)
         if cfg.data.context_length > context:
