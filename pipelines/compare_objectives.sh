@@ -72,7 +72,7 @@ if [ ! -d "$IMAGE_SHARDS/train" ] || [ ! -d "$TEXT_SHARDS/train" ]; then
         exit 2
     fi
     echo "== demo shards not found: drawing them (or run \`make demo\` first)"
-    mmpretrain demo-data --out demo_run/raw > /dev/null
+    mmpretrain demo-data --task binding --out demo_run/raw > /dev/null
     mmpretrain prepare demo_run/raw/folder demo_run/raw/manifest.csv --out shards/demo --image-size 64 \
         --workers 2 --val-fraction 0.05 --shard-size 500 --no-progress
     mmpretrain prepare demo_run/raw/corpus.txt --text-only --out shards/demo-text --val-fraction 0.05 \

@@ -3,9 +3,10 @@
 #
 #   pipelines/quickstart.sh [DEMO_DIR]        (default demo_run; needs the package installed: `make install`)
 #
-# 1. draw a small procedural image–caption collection and a text corpus (no download),
+# 1. draw a small procedural image–caption collection and a text corpus (no download): the binding task,
+#    one large shape on white whose caption names shape, colour and grid cell,
 # 2. turn both into WebDataset shards with `mmpretrain prepare` (train/ and val/ split by content hash),
-# 3. train the tiny multitask model (InfoNCE + masked-LM + next-token) with `accelerate launch`:
+# 3. train the tiny multitask model (InfoNCE + masked-LM + next-token; configs/train/demo.yaml) with `accelerate launch`:
 #    2 gloo processes on CPU, or one process per GPU when there are GPUs,
 # 4. evaluate on the held-out split: image<->text retrieval, zero-shot classification, text metrics,
 # 5. draw the report PNGs and the training curves.
@@ -25,7 +26,7 @@ export PATH="$BIN:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-AVX2}
 
 echo "== 1. demo data -> $DEMO/raw"
-mmpretrain demo-data --out "$DEMO/raw" > /dev/null
+mmpretrain demo-data --task binding --out "$DEMO/raw" > /dev/null
 
 echo "== 2. shards: image-text (a caption folder and a CSV manifest with labels) and text-only"
 mmpretrain prepare "$DEMO/raw/folder" "$DEMO/raw/manifest.csv" --out shards/demo --image-size 64 \

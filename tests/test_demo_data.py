@@ -192,8 +192,31 @@ def test_rerun_replaces_old_outputs_and_refuses_foreign_folders(tmp_path):
     assert (tmp_path / "notes.md").read_text() == "mine"
 
 
+def test_binding_task_varies_shape_colour_and_position_only(tmp_path):
+    """The quickstart's task: one large shape on plain white; captions and pixels say so, and every
+    shape, colour and cell occurs, so the scenes are the 8 x 10 x 9 the summary counts."""
+    summary = generate_demo_data(tmp_path, num_images=600, num_documents=40, task="binding")
+    assert (summary["task"], summary["possible_scenes"]) == ("binding", 720)
+    rows, cells = _manifest(tmp_path), set()
+    for row in rows:
+        caption = row["caption"]
+        assert row["count"] == "1" and _size_of(caption) == "large", caption
+        assert re.search(r"\bwhite background\b", caption), caption
+        pixels = np.asarray(Image.open(tmp_path / row["image"]))
+        shape_px = np.all(pixels == COLORS[row["color"]], axis=-1)
+        white = np.all(pixels == 255, axis=-1)
+        assert shape_px.sum() >= 40 and (shape_px | white).all(), row  # one colour on white, nothing else
+        cells.add(_position_of(caption))
+    assert {r["shape"] for r in rows} == set(CLASSES) and {r["color"] for r in rows} == set(COLORS)
+    assert cells == set(demo.POSITIONS)
+    corpus = (tmp_path / "corpus.txt").read_text(encoding="utf-8")
+    assert "checkerboard" not in corpus and "The background is plain white." in corpus  # same scenes
+    rich = generate_demo_data(tmp_path / "rich", num_images=10, num_documents=0)
+    assert (rich["task"], rich["possible_scenes"]) == ("rich", 38_880)
+
+
 @pytest.mark.parametrize("kwargs", [{"num_images": 0}, {"image_size": 8}, {"manifest_fraction": 1.5},
-                                    {"num_documents": -1}])
+                                    {"num_documents": -1}, {"task": "hard"}])
 def test_bad_arguments_are_user_errors(tmp_path, kwargs):
     with pytest.raises(UserError):
         generate_demo_data(tmp_path / "out", **kwargs)

@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--num-documents", type=positive_int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=["rich", "binding"], default="rich",
+                   help="rich: shape, colour, size, position, count and background all vary (38,880 scenes); "
+                        "binding: one large shape on white, shape x colour x position (720 scenes; the quickstart's)")
     p.set_defaults(func=_run_demo_data)
 
 
@@ -23,7 +26,7 @@ def _run_demo_data(args) -> int:
 
     summary = generate_demo_data(
         Path(args.out), num_images=args.num_images, image_size=args.image_size,
-        seed=args.seed, num_documents=args.num_documents,
+        seed=args.seed, num_documents=args.num_documents, task=args.task,
     )
     print(json.dumps(summary, indent=2))
     return 0

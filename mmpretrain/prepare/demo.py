@@ -2,10 +2,11 @@
 
 The CPU demo trains a tiny CLIP on these files, so every scene is built only from attributes that a
 caption names and a 64 px image shows: shape, colour, size, position (3x3 grid), count and
-background. Nothing is downloaded. The same seed gives byte-identical files: every random choice
-comes from a `random.Random` seeded by (seed, image index), PNG is lossless and Pillow writes no
-timestamp into it, and drawing uses no anti-aliasing, so each named RGB value lands in the pixels
-exactly (the tests rely on that).
+background (task "rich"), or shape, colour and position with the rest fixed (task "binding").
+Nothing is downloaded. The same seed gives byte-identical files: every random choice comes from a
+`random.Random` seeded by (seed, image index), PNG is lossless and Pillow writes no timestamp into
+it, and drawing uses no anti-aliasing, so each named RGB value lands in the pixels exactly (the
+tests rely on that).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -86,10 +88,34 @@ def plural(shape: str, count: int) -> str:
     return shape if count == 1 else PLURALS.get(shape, shape + "s")
 
 
-def _sample_scene(rng: random.Random) -> dict:
-    return {"shape": rng.choice(CLASSES), "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)),
-            "position": rng.choice(list(POSITIONS)), "count": rng.randint(1, 3),
-            "background": rng.choice(list(BACKGROUNDS))}
+@dataclass(frozen=True)
+class Task:
+    """Which values of each attribute a collection's scenes draw from (shape, colour and position always
+    take all of theirs)."""
+
+    sizes: tuple[str, ...]
+    max_count: int
+    backgrounds: tuple[str, ...]
+
+    @property
+    def scenes(self) -> int:
+        return len(CLASSES) * len(COLORS) * len(POSITIONS) * len(self.sizes) * self.max_count * len(self.backgrounds)
+
+
+TASKS = {
+    # All six attributes vary: 38,880 scenes; a caption can be told from an in-batch one by any of them.
+    "rich": Task(sizes=tuple(SIZES), max_count=3, backgrounds=tuple(BACKGROUNDS)),
+    # One large object on white: shape x colour x position, 720 scenes. In a batch of 64 a caption has
+    # on average 0.7 others that differ from it in the shape alone, so the shape has to be bound to the
+    # colour and the cell (the quickstart's task: zero-shot asks for the shape).
+    "binding": Task(sizes=("large",), max_count=1, backgrounds=("white",)),
+}
+
+
+def _sample_scene(rng: random.Random, task: Task) -> dict:
+    return {"shape": rng.choice(CLASSES), "color": rng.choice(list(COLORS)), "size": rng.choice(task.sizes),
+            "position": rng.choice(list(POSITIONS)), "count": rng.randint(1, task.max_count),
+            "background": rng.choice(task.backgrounds)}
 
 
 def _noun_phrase(scene: dict, rng: random.Random) -> str:
@@ -201,11 +227,11 @@ def _scene_sentences(scene: dict, rng: random.Random) -> list[str]:
     return [text[0].upper() + text[1:]] + details[: rng.randint(1, 4)]
 
 
-def _document(rng: random.Random) -> str:
+def _document(rng: random.Random, task: Task) -> str:
     """A paragraph of 3-12 sentences about one to several scenes."""
     target, sentences = rng.randint(3, 12), []
     while len(sentences) < target:
-        scene_text = _scene_sentences(_sample_scene(rng), rng)
+        scene_text = _scene_sentences(_sample_scene(rng, task), rng)
         if sentences:
             scene_text[0] = rng.choice(("In another picture, ", "Next, ", "Elsewhere, ")) + \
                 scene_text[0][0].lower() + scene_text[0][1:]
@@ -220,7 +246,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _check_args(out: Path, num_images: int, image_size: int, num_documents: int, fraction: float) -> None:
+def _check_args(out: Path, num_images: int, image_size: int, num_documents: int, fraction: float,
+                task: str) -> None:
+    if task not in TASKS:
+        raise UserError(f"demo-data: --task {task!r} is not one of {', '.join(TASKS)}")
     if num_images < 1 or num_documents < 0:
         raise UserError(f"demo-data: need --num-images >= 1 and --num-documents >= 0, "
                         f"got {num_images} and {num_documents}")
@@ -238,13 +267,14 @@ def _check_args(out: Path, num_images: int, image_size: int, num_documents: int,
                         "use an empty or new directory")
 
 
-def _write_images(out: Path, num_images: int, num_folder: int, size: int, seed: int) -> tuple[list, set]:
+def _write_images(out: Path, num_images: int, num_folder: int, size: int, seed: int,
+                  task: Task) -> tuple[list, set]:
     """Draw and save every image; return the manifest rows and the set of captions."""
     backgrounds = {name: _background(name, size) for name in BACKGROUNDS}  # drawn once, copied per image
     rows, captions = [], set()
     for i in range(num_images):
         rng = random.Random(f"demo-image:{seed}:{i}")  # per image: image i never depends on num_images
-        scene = _sample_scene(rng)
+        scene = _sample_scene(rng, task)
         caption, key = _caption(scene, rng), f"{i:09d}"
         img, label = _draw_scene(scene, size, backgrounds, rng), CLASSES.index(scene["shape"])
         captions.add(caption)
@@ -262,13 +292,15 @@ def _write_images(out: Path, num_images: int, num_folder: int, size: int, seed: 
 
 
 def generate_demo_data(out: Path, num_images: int = 4000, image_size: int = 64, seed: int = 0,
-                       num_documents: int = 2000, manifest_fraction: float = 0.5) -> dict:
+                       num_documents: int = 2000, manifest_fraction: float = 0.5, task: str = "rich") -> dict:
     """Write the demo collection into `out` and return counts. Images 0..k-1 go to `folder/` (img2dataset
     "files" layout: KEY.png + KEY.txt caption + KEY.cls label), the rest to `manifest.csv` +
     `manifest_images/`, with k = round(num_images * (1 - manifest_fraction)). Image i depends only on
-    (seed, i). manifest.csv is written last, so its presence means a run finished."""
+    (seed, i, task). `task` names the scenes drawn, images and corpus alike (TASKS: "rich" or
+    "binding"). manifest.csv is written last, so its presence means a run finished."""
     out = Path(out)
-    _check_args(out, num_images, image_size, num_documents, manifest_fraction)
+    _check_args(out, num_images, image_size, num_documents, manifest_fraction, task)
+    scenes = TASKS[task]
     # A rerun rebuilds from scratch: stale images from an earlier, larger run would otherwise leak in.
     (out / "manifest.csv").unlink(missing_ok=True)
     for sub in ("folder", "manifest_images"):
@@ -276,10 +308,10 @@ def generate_demo_data(out: Path, num_images: int = 4000, image_size: int = 64, 
     (out / "manifest_images").mkdir(parents=True)
     _write_text(out / "classes.txt", "".join(name + "\n" for name in CLASSES))
     corpus_rng = random.Random(f"demo-corpus:{seed}")
-    _write_text(out / "corpus.txt", "".join(_document(corpus_rng) + "\n" for _ in range(num_documents)))
+    _write_text(out / "corpus.txt", "".join(_document(corpus_rng, scenes) + "\n" for _ in range(num_documents)))
 
     num_folder = round(num_images * (1.0 - manifest_fraction))
-    rows, captions = _write_images(out, num_images, num_folder, image_size, seed)
+    rows, captions = _write_images(out, num_images, num_folder, image_size, seed, scenes)
     tmp = out / ".manifest.csv.tmp"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
@@ -287,4 +319,5 @@ def generate_demo_data(out: Path, num_images: int = 4000, image_size: int = 64, 
         writer.writerows(rows)
     os.replace(tmp, out / "manifest.csv")
     return {"images": num_images, "folder_images": num_folder, "manifest_images": len(rows),
-            "documents": num_documents, "distinct_captions": len(captions), "classes": len(CLASSES)}
+            "documents": num_documents, "distinct_captions": len(captions), "classes": len(CLASSES),
+            "task": task, "possible_scenes": scenes.scenes}
