@@ -351,3 +351,58 @@ def test_ar_on_the_captions_reuses_the_contrastive_pass():
     other = text_batch(list(reversed(TEXTS)), Tokenizer(context_length=cfg["text_cfg"]["context_length"]),
                        MaskingConfig(probability=0.3), torch.Generator().manual_seed(0))
     assert run(True, other)[0] == 3  # documents that are not the captions: the AR head runs its own pass
+
+
+def test_used_columns_is_the_prefix_that_holds_every_mark():
+    from mmpretrain.models.text_trunk import used_columns
+
+    real = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    labelled = torch.zeros(2, 5, dtype=torch.bool)
+    assert used_columns(real) == 3
+    labelled[0, 3] = True  # a mark past the longest text still counts
+    assert used_columns(real, labelled) == 4
+    assert used_columns(torch.zeros(2, 5, dtype=torch.bool)) == 1
+
+
+@pytest.mark.parametrize("from_captions", [True, False])
+def test_the_trunk_runs_on_the_used_columns_with_the_padded_batchs_results(monkeypatch, from_captions):
+    """Captions, MLM, AR and sentence-pair inputs padded to 32 tokens: the trunk sees only the columns
+    up to the longest text, and features, predictions, the loss and every gradient equal those of
+    the trunk run on all 32 columns (used_columns made to keep everything)."""
+    import mmpretrain.models.heads as heads_module
+    import mmpretrain.models.multitask as multitask_module
+
+    cfg = load_model_config("tiny")
+    images, tokens, text = _inputs(cfg)
+    if not from_captions:  # other captions, shorter than the text batch: the AR head runs its own pass
+        tokens = Tokenizer(context_length=32).encode(["a ring", "two stars", "a red square", "a heart"])
+
+    def run():
+        model = _model(sentence_pair=True)
+        widths = []
+        model.tower.transformer.register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+        out = model(images, tokens.ids, tokens.eot_index, text)
+        loss = _all_losses(out)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return widths, out, loss.detach(), grads
+
+    widths, out, loss, grads = run()
+    captions, longest = int(tokens.lengths.max()), int(text.lengths.max())
+    pair_longest = int(text.pairs.attention_mask.sum(1).max())
+    # captions, MLM, AR (unless it reuses the captions' pass: the text batch is those captions), sentence pair
+    expected = [captions, longest, pair_longest] if from_captions else [captions, longest, longest, pair_longest]
+    assert max(widths) < 32 and widths == expected
+    for module in (heads_module, multitask_module):
+        monkeypatch.setattr(module, "used_columns", lambda *masks: masks[0].shape[1])
+    full_widths, full, full_loss, full_grads = run()
+    assert full_widths == [32] * len(expected)
+    torch.testing.assert_close(out.text_features, full.text_features)
+    for name in ("mlm", "ar"):
+        torch.testing.assert_close(out.text[name].hidden, full.text[name].hidden)
+        assert torch.equal(out.text[name].labels, full.text[name].labels)
+    torch.testing.assert_close(out.text["pair"].logits, full.text["pair"].logits)
+    torch.testing.assert_close(loss, full_loss)
+    assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], msg=name)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpretrain.data.records import IGNORE_INDEX, TextBatch
-from mmpretrain.models.text_trunk import pool_at, text_hidden
+from mmpretrain.models.text_trunk import pool_at, text_hidden, used_columns
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class CausalPass:
     text branch learns from those captions, the AR head reads them instead of running the trunk again
     (CoCa: one forward, two losses); same inputs, same mode, so the same states and gradients."""
 
-    ids: Tensor  # (B, L) caption token ids
-    hidden: Tensor  # (B, L, D) text_hidden(tower, ids, causal=True)
+    ids: Tensor  # (B, n) caption token ids, the batch's used columns (text_trunk.used_columns)
+    hidden: Tensor  # (B, n, D) text_hidden(tower, ids, causal=True)
 
     def reads(self, ids: Tensor) -> bool:
         """Whether `ids` are exactly the ids this pass ran on."""
@@ -110,9 +110,12 @@ class MLMHead(nn.Module):
         return self.norm(self.act(self.dense(hidden)))
 
     def predict(self, tower: nn.Module, text: TextBatch) -> TokenPredictions:
-        hidden = text_hidden(tower, text.mlm_input_ids, causal=False, attention_mask=text.attention_mask)  # (B, L, D)
-        selected = text.mlm_labels != IGNORE_INDEX  # (B, L)
-        return TokenPredictions(self(hidden[selected]), text.mlm_labels[selected],  # (N, D), (N,)
+        n = used_columns(text.attention_mask, text.mlm_labels != IGNORE_INDEX)  # the rest is padding
+        labels = text.mlm_labels[:, :n]
+        hidden = text_hidden(tower, text.mlm_input_ids[:, :n], causal=False,
+                             attention_mask=text.attention_mask[:, :n])  # (B, n, D)
+        selected = labels != IGNORE_INDEX  # (B, n)
+        return TokenPredictions(self(hidden[selected]), labels[selected],  # (N, D), (N,)
                                 tower.token_embedding.weight, self.bias)
 
 
@@ -129,12 +132,14 @@ class ARHead(nn.Module):
         return hidden
 
     def predict(self, tower: nn.Module, text: TextBatch, captions: CausalPass | None = None) -> TokenPredictions:
-        if captions is not None and captions.reads(text.ar_input_ids):
+        n = used_columns(text.attention_mask, text.ar_labels != IGNORE_INDEX)  # the rest is padding
+        ids, labels = text.ar_input_ids[:, :n], text.ar_labels[:, :n]
+        if captions is not None and captions.reads(ids):
             hidden = captions.hidden  # the contrastive branch's pass over the same ids: one forward, two losses
         else:
-            hidden = text_hidden(tower, text.ar_input_ids, causal=True)  # (B, L, D)
-        selected = text.ar_labels != IGNORE_INDEX  # (B, L)
-        return TokenPredictions(self(hidden[selected]), text.ar_labels[selected], tower.token_embedding.weight)
+            hidden = text_hidden(tower, ids, causal=True)  # (B, n, D)
+        selected = labels != IGNORE_INDEX  # (B, n)
+        return TokenPredictions(self(hidden[selected]), labels[selected], tower.token_embedding.weight)
 
 
 class SentencePairHead(nn.Module):
@@ -161,9 +166,10 @@ class SentencePairHead(nn.Module):
         if pairs is None:  # a head without input would get no gradient (and stall DDP)
             raise ValueError("the sentence-pair head needs pair inputs: build text batches with "
                              "pair_objective='nsp' or 'sop', or build the model with sentence_pair=False")
-        segments = self.segment_embedding(pairs.segment_ids)  # (B, L, D)
-        hidden = text_hidden(tower, pairs.input_ids, causal=False, attention_mask=pairs.attention_mask,
-                             extra_embedding=segments)  # (B, L, D)
+        n = used_columns(pairs.attention_mask)  # the rest is padding
+        segments = self.segment_embedding(pairs.segment_ids[:, :n])  # (B, n, D)
+        hidden = text_hidden(tower, pairs.input_ids[:, :n], causal=False, attention_mask=pairs.attention_mask[:, :n],
+                             extra_embedding=segments)  # (B, n, D)
         return PairPredictions(self(pool_at(hidden, pairs.eot_index)), pairs.labels)
 
 

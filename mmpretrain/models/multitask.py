@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mmpretrain.data.records import TextBatch
 from mmpretrain.models.heads import TEXT_HEADS, ARHead, CausalPass, Heads, PairPredictions, TokenPredictions
-from mmpretrain.models.text_trunk import pool_at, project_text, text_hidden
+from mmpretrain.models.text_trunk import pool_at, project_text, text_hidden, used_columns
 from mmpretrain.models.towers import TowerOptions, build_dual_tower, image_tower_locked
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature so that s <= 100
@@ -56,8 +56,13 @@ class MultitaskModel(nn.Module):
 
     def encode_text(self, tokens: Tensor, eot_index: Tensor, normalize: bool = True) -> Tensor:
         """CLIP text embedding: causal trunk, pooled at the end-of-text position, projected."""
-        return self._text_features(CausalPass(tokens, text_hidden(self.tower, tokens, causal=True)), eot_index,
-                                   normalize)
+        return self._text_features(self._caption_pass(tokens, eot_index), eot_index, normalize)
+
+    def _caption_pass(self, tokens: Tensor, eot_index: Tensor) -> CausalPass:
+        """The causal trunk over the captions up to the last end-of-text (the columns after it are
+        padding in every row): the contrastive embedding's pass, which the AR head may reuse."""
+        ids = tokens[:, :used_columns(torch.arange(tokens.shape[1], device=tokens.device) <= eot_index[:, None])]
+        return CausalPass(ids, text_hidden(self.tower, ids, causal=True))  # (B, n), (B, n, D) states
 
     def _text_features(self, captions: CausalPass, eot_index: Tensor, normalize: bool = True) -> Tensor:
         features = project_text(self.tower, pool_at(captions.hidden, eot_index))  # (B, E)
@@ -87,7 +92,7 @@ class MultitaskModel(nn.Module):
         if tokens is not None:
             if eot_index is None:
                 raise ValueError("tokens need eot_index: the text embedding is pooled at the end-of-text position")
-            captions = CausalPass(tokens, text_hidden(self.tower, tokens, causal=True))  # (B, L, D) states
+            captions = self._caption_pass(tokens, eot_index)
             out.text_features = self._text_features(captions, eot_index)
         if images is not None or tokens is not None:
             out.logit_scale = self.tower.logit_scale.exp()

@@ -8,6 +8,12 @@
   the real token "!", so it cannot be found by value.
 
 Both modes run the same modules with the same weights; only the attention mask differs.
+
+Callers run the trunk on the batch's used columns only (`used_columns`): tokenizers pad every text
+to the context length (CLIP's 77), and a caption of 12 tokens would otherwise cost the trunk 77
+positions. The columns past the longest text are padding in every row, and no real position reads
+them (a causal position sees only earlier ones; a bidirectional one sees padding only as a masked
+key), so the states at every real position are the same, and so are the losses and gradients.
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ def text_hidden(tower: nn.Module, ids: Tensor, *, causal: bool, attention_mask: 
         mask = padding_mask(attention_mask, heads(tower), x.dtype)  # (B * H, L, L)
     x = tower.transformer(x, attn_mask=mask)
     return tower.ln_final(x)  # (B, L, D)
+
+
+def used_columns(*masks: Tensor) -> int:
+    """How many leading columns of a (B, L) batch hold every True of the (B, L) bool `masks` (real
+    tokens, predicted positions): the trunk runs on that prefix. At least 1."""
+    used = masks[0].any(0)
+    for mask in masks[1:]:
+        used = used | mask.any(0)
+    columns = used.nonzero()
+    return int(columns.max()) + 1 if columns.numel() else 1
 
 
 def padding_mask(attention_mask: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
