@@ -182,8 +182,12 @@ def footnote(rows: list[Row]) -> str:
 
 
 # -- the plot --------------------------------------------------------------------------------------
+HATCHES = ["", "//", "..", "xx", "\\\\", "--"]  # one per seed
+
+
 def draw(rows: list[Row]):
-    """One panel per metric, one bar per objective (same colour in every panel), values on the bars."""
+    """One panel per metric, one bar per run (an objective's colour is the same in every panel; with
+    several seeds, its runs stand side by side, hatched by seed), values on the bars."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -198,27 +202,44 @@ def draw(rows: list[Row]):
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax in axes[len(METRICS):]:
         ax.set_visible(False)
-    colors = [f"C{i}" for i in range(len(rows))]
-    seeded = len({r.seed for r in rows}) > 1  # runs of several seeds: say which bar is which
-    names = [f"{r.objective} (seed {r.seed})" if seeded else r.objective for r in rows]
-    x = list(range(len(rows)))
+    # Several seeds: one group of bars per objective (its colour), one bar per seed in it (its hatch).
+    objectives = list(dict.fromkeys(r.objective for r in rows))
+    seeds = list(dict.fromkeys(r.seed for r in rows))
+    seeded = len(seeds) > 1
+    width = 0.8 / len(seeds) if seeded else 0.8
+    colors = [f"C{objectives.index(r.objective)}" if seeded else f"C{i}" for i, r in enumerate(rows)]
+    hatches = [HATCHES[seeds.index(r.seed) % len(HATCHES)] if seeded else "" for r in rows]
+    if seeded:
+        x = [objectives.index(r.objective) + (seeds.index(r.seed) - (len(seeds) - 1) / 2) * width for r in rows]
+        ticks, tick_labels = [], []  # the legend names the objectives: their labels are too long for the axis
+    else:
+        x = ticks = list(range(len(rows)))
+        tick_labels = [r.objective for r in rows]
     for ax, (title, attr, pct, higher) in zip(axes, METRICS):
         vals = [value(r, attr) for r in rows]
         scale = 100.0 if pct else 1.0
         shown = [0.0 if v is None else v * scale for v in vals]
-        bars = ax.bar(x, shown, color=colors)
+        bars = ax.bar(x, shown, width=width, color=colors, hatch=hatches, edgecolor="white" if seeded else None)
         top = max(shown, default=0.0) or 1.0
         for bar, v in zip(bars, vals):
             label = DASH if v is None else _bar_label(v * scale, pct)
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7 if seeded else 8)
         ax.set_ylim(0, top * 1.18)
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=10)
         ax.set_ylabel("%" if pct else "")
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        if seeded:
+            ax.set_xticks(ticks, tick_labels, fontsize=7)
+        else:
+            ax.set_xticks(ticks, tick_labels, rotation=30, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(handles=[Patch(color=c, label=name) for c, name in zip(colors, names)],
-               loc="outside lower center", ncol=len(rows), fontsize=9)
+    if seeded:
+        handles = [Patch(color=f"C{i}", label=o) for i, o in enumerate(objectives)]
+        handles += [Patch(facecolor="0.6", edgecolor="white", hatch=HATCHES[i % len(HATCHES)], label=f"seed {seed}")
+                    for i, seed in enumerate(seeds)]
+    else:
+        handles = [Patch(color=c, label=r.objective) for c, r in zip(colors, rows)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=9)
     return fig
 
 

@@ -177,5 +177,23 @@ def test_plot_names_the_seed_when_runs_have_several(tmp_path):
         config["train"]["seed"] = 0 if name == "contrastive" else 1
         (run / "config.yaml").write_text(yaml.safe_dump(config))
     fig = co.draw([co.collect(tmp_path, n) for n in ("contrastive", "mlm")])
-    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["contrastive (seed 0)", "+MLM (seed 1)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["contrastive", "+MLM", "seed 0", "seed 1"]
+    assert [p.get_hatch() or "" for p in fig.axes[0].patches] == ["", "//"]  # each bar hatched by its seed
+
+
+def test_plot_groups_the_seeds_of_an_objective(tmp_path):
+    """Two objectives x two seeds: the bars of one objective stand side by side in its colour, around its tick."""
+    rows = []
+    for name, seed in (("contrastive", 0), ("mlm", 0), ("contrastive", 1), ("mlm", 1)):
+        run = make_run(tmp_path / f"s{seed}", name, t2i=0.3 + 0.1 * seed)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["train"]["seed"] = seed
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        rows.append(co.collect(tmp_path / f"s{seed}", name))
+    fig = co.draw(rows)
+    ax = fig.axes[1]  # text->image R@1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["contrastive", "+MLM", "seed 0", "seed 1"]
+    centres = [round(p.get_x() + p.get_width() / 2, 6) for p in ax.patches]
+    assert centres == [-0.2, 0.8, 0.2, 1.2]  # row order: seed 0 left of its tick, seed 1 right
+    assert [round(p.get_height(), 6) for p in ax.patches] == [30.0, 30.0, 40.0, 40.0]
+    assert ax.patches[0].get_facecolor() == ax.patches[2].get_facecolor() != ax.patches[1].get_facecolor()
