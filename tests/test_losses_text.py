@@ -217,3 +217,44 @@ def test_fraction_decodes_a_share_of_the_positions_drawn_from_torchs_generator()
         untouched = torch.rand(())
     torch.testing.assert_close(full["loss"], _reference(hidden, weight, b, labels)[0], rtol=1e-12, atol=1e-12)
     assert after == untouched  # the exact loss draws nothing
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+@pytest.mark.parametrize("outer", [1.0, 2.5])
+def test_joint_decode_equals_each_loss_alone_weighted(chunk_size, outer):
+    """token_losses over an MLM-like part (bias, every position) and an AR-like one (no bias, a named
+    subset of positions, a given global count): the differentiable sum is Σ weight × token_loss of
+    each part alone, its gradients (hidden, bias, the shared weight) the same weighted sum, and each
+    part's logged loss, accuracy and token count equal its own call's; `outer` scales the result
+    after the decode (the backward's multiplication path)."""
+    from mmpretrain.losses.text import TokenTargets, token_losses
+
+    h_mlm, weight, bias, y_mlm = _inputs(shape=(3, 9), seed=1)
+    g = torch.Generator().manual_seed(2)
+    h_ar = torch.randn(4, 7, DIM, generator=g, dtype=F64).requires_grad_()
+    y_ar = torch.randint(0, VOCAB, (4, 7), generator=g)
+    y_ar[:, -2:] = -100
+    positions = torch.tensor([0, 3, 4, 9, 17])
+    kw_mlm, kw_ar = {"bias": bias}, {"positions": positions, "num_tokens": 30}
+    joint, parts = token_losses(weight, {
+        "mlm": TokenTargets(h_mlm, y_mlm, weight=0.7, **kw_mlm),
+        "ar": TokenTargets(h_ar, y_ar, weight=1.9, **kw_ar)}, chunk_size=chunk_size)
+    (outer * joint).backward()
+    got = [t.grad.clone() for t in (h_mlm, h_ar, weight, bias)]
+    for t in (h_mlm, h_ar, weight, bias):
+        t.grad = None
+    mlm = token_loss(h_mlm, weight, y_mlm, chunk_size=chunk_size, **kw_mlm)
+    ar = token_loss(h_ar, weight, y_ar, chunk_size=chunk_size, **kw_ar)
+    (outer * (0.7 * mlm["loss"] + 1.9 * ar["loss"])).backward()
+    expected = [t.grad for t in (h_mlm, h_ar, weight, bias)]
+    torch.testing.assert_close(joint, 0.7 * mlm["loss"] + 1.9 * ar["loss"], rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for name, alone in (("mlm", mlm), ("ar", ar)):
+        assert not parts[name]["loss"].requires_grad
+        for key in ("loss", "accuracy", "tokens"):
+            torch.testing.assert_close(parts[name][key], alone[key].detach(), rtol=1e-12, atol=1e-12)
+    assert float(parts["ar"]["tokens"]) == 30.0 and float(parts["mlm"]["tokens"]) == int((y_mlm != -100).sum())
+    # and the single loss is still the unchunked reference
+    loss, _, _ = _reference(h_mlm, weight, bias, y_mlm)
+    torch.testing.assert_close(mlm["loss"], loss, rtol=1e-12, atol=1e-12)

@@ -254,8 +254,8 @@ def test_a_new_head_needs_only_its_class_and_its_registrations(tokenizer, monkey
         echo_weight: float = 0.5
 
     monkeypatch.setitem(heads_module.TEXT_HEADS, "echo", EchoHead)
-    monkeypatch.setitem(objective.OBJECTIVES, "echo", objective.Objective(
-        loss=lambda pred, cfg, n: objective._tokens(pred, cfg, n, "echo"), count=objective.OBJECTIVES["mlm"].count))
+    # A vocabulary head: loss None, decoded with MLM and AR through the tied embedding in one call.
+    monkeypatch.setitem(objective.OBJECTIVES, "echo", objective.Objective(loss=None, count=objective.OBJECTIVES["mlm"].count))
     torch.manual_seed(0)
     model = build_model(load_model_config("tiny"), heads=WithEcho(mlm=True, ar=True, sentence_pair=True)).double()
     assert isinstance(model.echo_head, EchoHead) and "echo" in objective.counted()

@@ -5,7 +5,8 @@ token counts summed over ranks inside each loss."""
 from mmpretrain.losses.collectives import all_gather_with_grad
 from mmpretrain.losses.contrastive import clip_loss
 from mmpretrain.losses.siglip import siglip_loss
-from mmpretrain.losses.text import token_loss
+from mmpretrain.losses.text import TokenTargets, token_loss, token_losses
 from mmpretrain.runtime import rank_and_world
 
-__all__ = ["all_gather_with_grad", "clip_loss", "rank_and_world", "siglip_loss", "token_loss"]
+__all__ = ["TokenTargets", "all_gather_with_grad", "clip_loss", "rank_and_world", "siglip_loss", "token_loss",
+           "token_losses"]

@@ -9,6 +9,9 @@ losses) say how to count a batch's targets, so exact accumulation can divide by 
 A new text head registers its loss here:
 
     OBJECTIVES["span"] = Objective(loss=_span_loss, count=lambda text: ...)   # plus loss.span_weight
+
+or, for a vocabulary head (its prediction is TokenPredictions), `loss=None`: every vocabulary head of
+a forward is decoded in one call through the tied embedding (token_losses), weighted there.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mmpretrain.config import Contrastive, LossConfig, choices
 from mmpretrain.data.records import IGNORE_INDEX, TextBatch
 from mmpretrain.losses.contrastive import clip_loss
 from mmpretrain.losses.siglip import siglip_loss
-from mmpretrain.losses.text import token_loss
+from mmpretrain.losses.text import TokenTargets, token_losses
 from mmpretrain.models.heads import PairPredictions, TokenPredictions
 from mmpretrain.models.multitask import ModelOutput
 from mmpretrain.runtime import all_reduce_sum, rank_and_world
@@ -35,8 +38,11 @@ from mmpretrain.runtime import all_reduce_sum, rank_and_world
 
 @dataclass(frozen=True)
 class Objective:
-    loss: Callable[..., dict[str, Tensor]]
-    """(prediction, loss_cfg, num_targets) -> {"loss": differentiable, metric name: detached value}."""
+    loss: Callable[..., dict[str, Tensor]] | None
+    """(prediction, loss_cfg, num_targets) -> {"loss": differentiable, metric name: detached value}.
+    None: a vocabulary head (its prediction is TokenPredictions), decoded together with the other
+    vocabulary heads through their tied embedding (token_losses: one decode, one (V, D) gradient),
+    its share weighted by loss.{name}_weight and sampled by loss.{name}_fraction if the config has one."""
     count: Callable[[TextBatch], Tensor] | None = None
     """Targets of a text batch this loss divides by (None: not a per-target loss)."""
 
@@ -51,13 +57,6 @@ class LossParts:
 
     def floats(self) -> dict[str, float]:
         return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.values.items()}}
-
-
-def _tokens(pred: TokenPredictions, loss_cfg: LossConfig, num_targets: Any, name: str) -> dict[str, Tensor]:
-    res = token_loss(pred.hidden, pred.decoder_weight, pred.labels, bias=pred.bias,
-                     chunk_size=loss_cfg.token_chunk_size, num_tokens=num_targets,
-                     fraction=getattr(loss_cfg, f"{name}_fraction", 1.0))  # loss.NAME_fraction, if the head has one
-    return {"loss": res["loss"], f"{name}_accuracy": res["accuracy"], f"{name}_tokens": res["tokens"]}
 
 
 def _pair(pred: PairPredictions, loss_cfg: LossConfig, num_targets: Any) -> dict[str, Tensor]:
@@ -95,10 +94,8 @@ def _contrastive(out: ModelOutput, loss_cfg: LossConfig, detach_scale: bool) -> 
 
 OBJECTIVES: dict[str, Objective] = {
     "clip": Objective(loss=_contrastive),
-    "mlm": Objective(loss=lambda p, c, n: _tokens(p, c, n, "mlm"),
-                     count=lambda text: (text.mlm_labels != IGNORE_INDEX).sum()),
-    "ar": Objective(loss=lambda p, c, n: _tokens(p, c, n, "ar"),
-                    count=lambda text: (text.ar_labels != IGNORE_INDEX).sum()),
+    "mlm": Objective(loss=None, count=lambda text: (text.mlm_labels != IGNORE_INDEX).sum()),
+    "ar": Objective(loss=None, count=lambda text: (text.ar_labels != IGNORE_INDEX).sum()),
     "pair": Objective(loss=_pair, count=lambda text: torch.tensor(text.pairs.labels.numel() if text.pairs else 0)),
 }
 
@@ -121,13 +118,36 @@ def compute_losses(out: ModelOutput, loss_cfg: LossConfig, *, num_targets: dict[
         res = _contrastive(out, loss_cfg, detach_scale)
         terms["clip"] = res.pop("loss")
         values.update(res)
+    decoded: dict[str, TokenPredictions] = {}
     for name, pred in out.text.items():
+        if OBJECTIVES[name].loss is None:
+            decoded[name] = pred
+            continue
         res = OBJECTIVES[name].loss(pred, loss_cfg, num_targets.get(name))
         terms[name] = res.pop("loss")
         values.update(res)
-    loss = weighted_sum(terms, loss_cfg)
-    return LossParts(loss, {**{f"{n}_loss": t.detach() for n, t in terms.items()},
-                            **{k: v.detach() for k, v in values.items()}})
+    loss = weighted_sum(terms, loss_cfg) if terms else None
+    logged = {f"{n}_loss": t.detach() for n, t in terms.items()}
+    if decoded:
+        joint, parts = _vocabulary_losses(decoded, loss_cfg, num_targets)
+        loss = joint if loss is None else loss + joint
+        for name, res in parts.items():
+            logged[f"{name}_loss"] = res["loss"]
+            values.update({f"{name}_accuracy": res["accuracy"], f"{name}_tokens": res["tokens"]})
+    if loss is None:
+        raise ValueError("the model output has nothing to compute a loss from (no features, no text heads)")
+    return LossParts(loss, {**logged, **{k: v.detach() for k, v in values.items()}})
+
+
+def _vocabulary_losses(preds: dict[str, TokenPredictions], loss_cfg: LossConfig, num_targets: dict[str, Any]):
+    """The vocabulary heads' weighted sum in one decode through their tied embedding, and each one's parts."""
+    weights = {id(p.decoder_weight): p.decoder_weight for p in preds.values()}
+    if len(weights) != 1:
+        raise ValueError("the vocabulary heads must share one decoder weight (the tied token embedding)")
+    targets = {name: TokenTargets(p.hidden, p.labels, bias=p.bias, weight=getattr(loss_cfg, f"{name}_weight"),
+                                  num_tokens=num_targets.get(name), fraction=getattr(loss_cfg, f"{name}_fraction", 1.0))
+               for name, p in preds.items()}
+    return token_losses(next(iter(weights.values())), targets, chunk_size=loss_cfg.token_chunk_size)
 
 
 def weighted_sum(terms: dict[str, Tensor], loss_cfg: LossConfig) -> Tensor:

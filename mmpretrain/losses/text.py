@@ -16,6 +16,7 @@ exactly the full ones (an unbiased estimate, with more variance); what is optimi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,57 +27,95 @@ from mmpretrain.runtime import all_reduce_sum, rank_and_world
 
 
 class _ChunkedTokenCE(torch.autograd.Function):
-    """(summed CE, number correct) of hidden (N, D) against labels (N,) over hidden·weightᵀ + bias."""
+    """Σ_s scale_s · (CE summed over part s) of several parts decoded through one weight (V, D), and
+    each part's (summed CE, number correct). A part is (hidden (N_s, D), bias (V,) or None, labels
+    (N_s,)); `scales` (Python floats, one per part) are folded into the gradients as they are made
+    (`alpha`), so the parts share one (V, D) gradient: one write of it, not one per part plus a sum."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, want_grad: bool):
-        dtype = torch.promote_types(compute_dtype(hidden), weight.dtype)
+    def forward(ctx, weight, chunk_size: int, want_grad: bool, scales: tuple[float, ...], *parts):
+        hiddens, biases, labels = parts[0::3], parts[1::3], parts[2::3]
+        dtype = weight.dtype
+        for hidden in hiddens:
+            dtype = torch.promote_types(dtype, compute_dtype(hidden))
         w = weight.to(dtype)  # (V, D)
-        b = bias.to(dtype) if bias is not None else None
-        need_h, need_w, need_b = (want_grad and need for need in ctx.needs_input_grad[:3])
-        g_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-        g_w = g_b = None  # the first chunk's products, then accumulated into: no zero-filled (V, D) pass
-        total, correct = w.new_zeros(()), torch.zeros((), dtype=torch.long, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size].to(dtype)  # (c, D)
-            y = labels[start : start + chunk_size]  # (c,)
-            logits = h @ w.T if b is None else torch.addmm(b, h, w.T)  # (c, V)
-            top = logits.amax(1)  # (c,)
-            target = logits.gather(1, y[:, None]).squeeze(1)  # (c,)
-            # argmax == y, counted without an argmax over the whole chunk (~5x an amax on CPU): only rows
-            # whose target reaches the maximum can be right, and argmax settles ties there (first index).
-            hit = target == top
-            correct += (logits[hit].argmax(1) == y[hit]).sum()
-            # log-sum-exp and softmax from one exp, in the logits' memory: e = exp(logits - max).
-            expd = logits.sub_(top[:, None]).exp_()
-            norm = expd.sum(1)  # (c,)
-            total += (top + norm.log() - target).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            # d(CE summed over the chunk)/d logits = softmax − one-hot.
-            g_logits = expd.div_(norm[:, None])
-            g_logits[torch.arange(len(y), device=y.device), y] -= 1
-            if need_h:
-                g_h[start : start + chunk_size] = g_logits @ w
-            if need_w:
-                g_w = g_logits.T @ h if g_w is None else g_w.addmm_(g_logits.T, h)
-            if need_b:
-                g_b = g_logits.sum(0) if g_b is None else g_b.add_(g_logits.sum(0))
-        if need_w and g_w is None:  # no predicted position: zero gradients, still in the graph
+        need_w = want_grad and ctx.needs_input_grad[0]
+        g_w = None  # the first chunk's product, then accumulated into: no zero-filled (V, D) pass
+        g_hs, g_bs, totals, corrects = [], [], [], []
+        for i, (hidden, bias, y_all, scale) in enumerate(zip(hiddens, biases, labels, scales)):
+            need_h = want_grad and ctx.needs_input_grad[4 + 3 * i]
+            need_b = want_grad and ctx.needs_input_grad[5 + 3 * i]
+            b = bias.to(dtype) if bias is not None else None
+            g_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+            g_b = None
+            total, correct = w.new_zeros(()), torch.zeros((), dtype=torch.long, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)  # (c, D)
+                y = y_all[start : start + chunk_size]  # (c,)
+                logits = h @ w.T if b is None else torch.addmm(b, h, w.T)  # (c, V)
+                top = logits.amax(1)  # (c,)
+                target = logits.gather(1, y[:, None]).squeeze(1)  # (c,)
+                # argmax == y, counted without an argmax over the whole chunk (~5x an amax on CPU): only
+                # rows whose target reaches the maximum can be right, and argmax settles ties there.
+                hit = target == top
+                correct += (logits[hit].argmax(1) == y[hit]).sum()
+                # log-sum-exp and softmax from one exp, in the logits' memory: e = exp(logits - max).
+                expd = logits.sub_(top[:, None]).exp_()
+                norm = expd.sum(1)  # (c,)
+                total += (top + norm.log() - target).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                # d(scale · CE summed over the chunk)/d logits = scale · (softmax − one-hot).
+                g_logits = expd.div_(norm[:, None])
+                g_logits[torch.arange(len(y), device=y.device), y] -= 1
+                if need_h:
+                    torch.mm(g_logits, w, out=g_h[start : start + chunk_size]).mul_(scale)
+                if need_w:  # the first product is scaled through its (c, D) factor, not its (V, D) result
+                    g_w = g_logits.T @ (h * scale) if g_w is None else g_w.addmm_(g_logits.T, h, alpha=scale)
+                if need_b:
+                    g_b = g_logits.sum(0).mul_(scale) if g_b is None else g_b.add_(g_logits.sum(0), alpha=scale)
+            if need_b and g_b is None:  # no predicted position: zero gradients, still in the graph
+                g_b = torch.zeros_like(b)
+            g_hs.append(g_h)
+            g_bs.append(g_b)
+            totals.append(total)
+            corrects.append(correct)
+        if need_w and g_w is None:
             g_w = torch.zeros_like(w)
-        if need_b and g_b is None:
-            g_b = torch.zeros_like(b)
-        ctx.grads = (g_h, g_w, g_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.mark_non_differentiable(correct)
-        return total, correct
+        totals, corrects = torch.stack(totals), torch.stack(corrects)
+        ctx.grads = (g_w, g_hs, g_bs)
+        ctx.dtypes = (weight.dtype, [h.dtype for h in hiddens], [None if b is None else b.dtype for b in biases])
+        ctx.mark_non_differentiable(totals, corrects)
+        loss = (totals * totals.new_tensor(scales)).sum()
+        return loss, totals, corrects
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor, _grad_correct):
-        # In place: the (V, D) gradient is this function's own, and a second one would be another full pass.
-        grads = [None if g is None else g.mul_(grad_total).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+    def backward(ctx, grad_loss: Tensor, _grad_totals, _grad_corrects):
+        (g_w, g_hs, g_bs), (w_dtype, h_dtypes, b_dtypes) = ctx.grads, ctx.dtypes
         ctx.grads = None
-        return (*grads, None, None, None)
+        unit = bool(grad_loss == 1)  # the usual case: skip a pass over the (V, D) gradient
+
+        def scaled(g, dtype):
+            # In place: each gradient is this function's own, and a copy would be another full pass.
+            return None if g is None else (g if unit else g.mul_(grad_loss)).to(dtype)
+
+        parts = []
+        for g_h, g_b, h_dtype, b_dtype in zip(g_hs, g_bs, h_dtypes, b_dtypes):
+            parts += [scaled(g_h, h_dtype), scaled(g_b, b_dtype), None]
+        return (scaled(g_w, w_dtype), None, None, None, *parts)
+
+
+@dataclass
+class TokenTargets:
+    """One loss's share of a joint decode (token_losses): the predicted positions of one head."""
+
+    hidden: Tensor  # (..., D) inputs of the decoder
+    labels: Tensor  # (...) long, IGNORE_INDEX where nothing is predicted
+    bias: Tensor | None = None  # (V,)
+    weight: float = 1.0  # the loss's weight in the returned sum
+    num_tokens: int | Tensor | None = None  # N_global (below), when the caller knows it
+    fraction: float = 1.0  # the share of predicted positions decoded (the sampled estimator)
+    positions: Tensor | None = None  # (k,) the decoded subset instead of a random one
 
 
 def token_loss(
@@ -117,16 +156,55 @@ def token_loss(
     tokens on all ranks (0 when there are none), tokens is N_global (every predicted token, decoded
     or not); both detached and identical on all ranks.
     """
+    loss, parts = token_losses(weight, {"": TokenTargets(hidden, labels, bias=bias, num_tokens=num_tokens,
+                                                         fraction=fraction, positions=positions)},
+                               chunk_size=chunk_size)
+    return {**parts[""], "loss": loss}
+
+
+def token_losses(weight: Tensor, targets: dict[str, TokenTargets], *, chunk_size: int = 2048
+                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
+    """Several token losses through one tied decoder `weight` (V, D) in one decode (MLM and AR):
+    (Σ_name targets[name].weight × loss_name, differentiable; {name: {"loss" (detached), "accuracy",
+    "tokens"}}), each loss_name exactly token_loss's of that part alone. One decode makes one (V, D)
+    gradient for all parts instead of one per part, each a 50 MB pass or more at width 256."""
+    if weight.ndim != 2:
+        raise ValueError(f"token_loss: weight must be (vocab, dim), got {tuple(weight.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"token_loss: chunk_size must be >= 1, got {chunk_size}")
+    selected = {name: _select(t, weight) for name, t in targets.items()}  # name -> (h, y, predicted)
+    # The global counts first (one collective for all parts): each part's scale in the joint loss.
+    counts = all_reduce_sum(torch.tensor([p for _, _, p in selected.values()], dtype=torch.long, device=weight.device))
+    _, world = rank_and_world()
+    units, n_globals = [], []  # each part's d(its normalised loss) / d(its summed CE), and N_global
+    for t, count, (_, y, predicted) in zip(targets.values(), counts.tolist(), selected.values()):
+        n_global = count if t.num_tokens is None else float(torch.as_tensor(t.num_tokens))
+        n_globals.append(n_global)
+        # Each decoded token stands for N / k of them; rank r's sum is scaled to W · sum_r / N_global.
+        units.append(world * (predicted / max(y.numel(), 1)) / max(n_global, 1))
+    scales = tuple(t.weight * unit for t, unit in zip(targets.values(), units))
+    parts = [x for (h, y, _), t in zip(selected.values(), targets.values()) for x in (h, t.bias, y)]
+    loss, totals, corrects = _ChunkedTokenCE.apply(weight, chunk_size, torch.is_grad_enabled(), scales, *parts)
+    # Integer counts: float32 stops counting exactly at 2**24 tokens.
+    decoded = torch.tensor([y.numel() for _, y, _ in selected.values()], dtype=torch.long, device=corrects.device)
+    decoded, corrects = all_reduce_sum(torch.stack([decoded, corrects])).to(totals.dtype)
+    out = {name: {"loss": totals[i] * units[i], "accuracy": corrects[i] / decoded[i].clamp(min=1),
+                  "tokens": totals.new_tensor(n_globals[i])}
+           for i, name in enumerate(targets)}
+    return loss, out
+
+
+def _select(t: TokenTargets, weight: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(decoded hidden (k, D), their labels (k,), N predicted positions) of one part, checked."""
+    hidden, labels, bias = t.hidden, t.labels, t.bias
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"token_loss: hidden {tuple(hidden.shape)} must be labels {tuple(labels.shape)} + (dim,)")
-    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+    if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"token_loss: weight must be (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"token_loss: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"token_loss: chunk_size must be >= 1, got {chunk_size}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"token_loss: fraction must be in (0, 1], got {fraction}")
+    if not 0 < t.fraction <= 1:
+        raise ValueError(f"token_loss: fraction must be in (0, 1], got {t.fraction}")
     keep = labels != IGNORE_INDEX
     y = labels[keep]  # (N,) boolean indexing syncs with the device anyway, so checking costs little
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
@@ -134,25 +212,14 @@ def token_loss(
                          f"got values in [{int(y.min())}, {int(y.max())}]")
     h = hidden[keep]  # (N, D): only the predicted positions are decoded
     predicted = y.numel()
-    if positions is None and fraction < 1 and predicted:
-        positions = sample_positions(predicted, fraction, h.device)
+    positions = t.positions
+    if positions is None and t.fraction < 1 and predicted:
+        positions = sample_positions(predicted, t.fraction, h.device)
     if positions is not None:
         if positions.ndim != 1 or not 0 < positions.numel() <= predicted or positions.unique().numel() != positions.numel():
             raise ValueError(f"token_loss: positions must be 1 to {predicted} distinct indices, got {tuple(positions.shape)}")
         h, y = h[positions], y[positions]  # (k, D), (k,)
-    total, correct = _ChunkedTokenCE.apply(h, weight, bias, y, chunk_size, torch.is_grad_enabled())
-    if positions is not None:
-        total = total * (predicted / y.numel())  # each decoded token stands for N / k of them
-    # Integer counts: float32 stops counting exactly at 2**24 tokens.
-    count, decoded, correct = all_reduce_sum(
-        torch.stack([correct.new_tensor(predicted), correct.new_tensor(y.numel()), correct])).to(total.dtype)
-    n_global = count if num_tokens is None else torch.as_tensor(num_tokens, device=total.device).to(total.dtype)
-    _, world = rank_and_world()
-    return {
-        "loss": total * world / n_global.clamp(min=1),
-        "accuracy": correct / decoded.clamp(min=1),
-        "tokens": n_global.detach(),
-    }
+    return h, y, predicted
 
 
 def sample_positions(n: int, fraction: float, device: torch.device | str = "cpu") -> Tensor:
