@@ -129,7 +129,7 @@ def compute_losses(out: ModelOutput, loss_cfg: LossConfig, *, num_targets: dict[
     loss = weighted_sum(terms, loss_cfg) if terms else None
     logged = {f"{n}_loss": t.detach() for n, t in terms.items()}
     if decoded:
-        joint, parts = _vocabulary_losses(decoded, loss_cfg, num_targets)
+        joint, parts = vocabulary_losses(decoded, loss_cfg, num_targets)
         loss = joint if loss is None else loss + joint
         for name, res in parts.items():
             logged[f"{name}_loss"] = res["loss"]
@@ -139,7 +139,7 @@ def compute_losses(out: ModelOutput, loss_cfg: LossConfig, *, num_targets: dict[
     return LossParts(loss, {**logged, **{k: v.detach() for k, v in values.items()}})
 
 
-def _vocabulary_losses(preds: dict[str, TokenPredictions], loss_cfg: LossConfig, num_targets: dict[str, Any]):
+def vocabulary_losses(preds: dict[str, TokenPredictions], loss_cfg: LossConfig, num_targets: dict[str, Any]):
     """The vocabulary heads' weighted sum in one decode through their tied embedding, and each one's parts."""
     weights = {id(p.decoder_weight): p.decoder_weight for p in preds.values()}
     if len(weights) != 1:

@@ -42,7 +42,7 @@ from train_throughput import ROOT, make_batches, make_config  # noqa: E402
 from mmpretrain.data.text.masking import MaskingConfig  # noqa: E402
 from mmpretrain.data.text.objectives import text_batch  # noqa: E402
 from mmpretrain.data.text.tokenizer import Tokenizer  # noqa: E402
-from mmpretrain.losses import TokenTargets, token_losses  # noqa: E402
+from mmpretrain.losses.objective import vocabulary_losses  # noqa: E402
 from mmpretrain.table import format_table  # noqa: E402
 from mmpretrain.train.trainer import Trainer  # noqa: E402
 
@@ -65,7 +65,7 @@ def with_caption_text(batches, cfg, seed: int):
 
 def decoder_ms(trainer: Trainer, batch, repeat: int = 3) -> float:
     """Median ms of the MLM + AR token losses alone (forward and backward) on one step's predictions,
-    decoded as the step decodes them: together, in one call (mmpretrain.losses.token_losses)."""
+    decoded as the step decodes them: together, in one call (objective.vocabulary_losses)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     loss_cfg = trainer.cfg.loss
     with torch.no_grad():
@@ -73,11 +73,9 @@ def decoder_ms(trainer: Trainer, batch, repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        targets = {name: TokenTargets(pred.hidden.detach().requires_grad_(), pred.labels, bias=pred.bias,
-                                      weight=getattr(loss_cfg, f"{name}_weight"),
-                                      fraction=getattr(loss_cfg, f"{name}_fraction"))
-                   for name, pred in preds.items()}
-        loss, _ = token_losses(next(iter(preds.values())).decoder_weight, targets, chunk_size=loss_cfg.token_chunk_size)
+        detached = {name: dataclasses.replace(pred, hidden=pred.hidden.detach().requires_grad_())
+                    for name, pred in preds.items()}
+        loss, _ = vocabulary_losses(detached, loss_cfg, {})
         loss.backward()
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
