@@ -27,7 +27,7 @@ import io
 import os
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 
 from mmpretrain import storage
@@ -86,12 +86,14 @@ def is_listable(url: str) -> bool:
 
 
 def iter_tar_samples(url: str, start: int = 0, stop: int | None = None, size: int | None = None,
-                     max_member_bytes: int | None = MAX_MEMBER_BYTES) -> Iterator[dict]:
-    """Yield {"__key__", "__url__", "__index__", ext: bytes, ...} for samples start <= i < stop.
-    `size`: the samples the shard is listed with; a complete tar with fewer is a ShardError.
-    A sample with a member over `max_member_bytes` (None: no limit) comes without member bytes and
-    with TOO_LARGE set (see `too_large`)."""
-    return _samples(url, start, stop, size, read=True, limit=max_member_bytes)
+                     max_member_bytes: int | None = MAX_MEMBER_BYTES,
+                     wanted: Container[int] | None = None) -> Iterator[dict]:
+    """Yield {"__key__", "__url__", "__index__", ext: bytes, ...} for samples start <= i < stop
+    (only those whose index is in `wanted`, when given: the others' members are not read, and a local
+    tar seeks past them). `size`: the samples the shard is listed with; a complete tar with fewer is a
+    ShardError. A sample with a member over `max_member_bytes` (None: no limit) comes without member
+    bytes and with TOO_LARGE set (see `too_large`)."""
+    return _samples(url, start, stop, size, read=True, limit=max_member_bytes, wanted=wanted)
 
 
 def count_samples(url: str) -> int:
@@ -107,7 +109,7 @@ def too_large(sample: dict) -> str | None:
 
 
 def _samples(url: str, start: int, stop: int | None, size: int | None, read: bool,
-             limit: int | None) -> Iterator[dict | None]:
+             limit: int | None, wanted: Container[int] | None = None) -> Iterator[dict | None]:
     """The samples start <= i < stop (a None for each when not `read`), then the integrity checks."""
     index, key, sample = -1, None, None
     stream = is_remote(url)
@@ -119,12 +121,13 @@ def _samples(url: str, start: int, stop: int | None, size: int | None, read: boo
                 if parts is None:
                     continue
                 if parts[0] != key:
-                    if index >= start:
+                    if index >= start and (wanted is None or index in wanted):
                         yield sample
                     index, key = index + 1, parts[0]
                     if stop is not None and index >= stop:
                         return
-                    sample = {"__key__": key, "__url__": url, "__index__": index} if read and index >= start else None
+                    take = read and index >= start and (wanted is None or index in wanted)
+                    sample = {"__key__": key, "__url__": url, "__index__": index} if take else None
                 _check_fits(url, info, file_size, max(index, 0))
                 taken = sample is not None and _take_member(tar, info, parts[1], sample, limit)
                 if stream and not taken and info.size > _DRAIN_CHUNK:
@@ -136,7 +139,7 @@ def _samples(url: str, start: int, stop: int | None, size: int | None, read: boo
             if not _ended(tar):
                 # The last sample may lack members that were cut off: it is not handed out.
                 raise shard_error(url, NO_END_MARKER, max(index, 0))
-            if key is not None and index >= start:
+            if key is not None and index >= start and (wanted is None or index in wanted):
                 yield sample
     except storage.Missing:  # an object deleted after it was listed
         raise shard_error(url, MISSING, 0, "no such object") from None
