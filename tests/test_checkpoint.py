@@ -131,7 +131,7 @@ WRONG_STRUCTURE = {  # valid JSON / safetensors, not what the writer gives
     "optimizer.json": _edit_json(lambda o: {**o, "param_groups": o["param_groups"][:1]}),
     "scheduler.json": _edit_json(lambda s: {**s, "last_epoch": "4"}),
     "rng_0.json": _edit_json(lambda r: {**r, "torch": r["torch"][:100]}),
-    "loader_0.json": _edit_json(lambda p: {name: {**v, "batches": [2]} for name, v in p.items()}),
+    "loader_0.json": _edit_json(lambda p: {name: {**v, "samples": [2]} for name, v in p.items()}),
 }
 
 

@@ -11,7 +11,7 @@ from mmpretrain.config import load_config
 from mmpretrain.prepare.demo import generate_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 60
+STEPS = 100  # a seed-sized margin: at 60 steps held-out R@1 sits near 5x chance, on either side of it
 
 
 def test_tiny_model_learns_on_the_demo_data(tmp_path):

@@ -1,76 +1,105 @@
-"""The epoch arithmetic: equal batch counts on every rank, distinct samples, full coverage."""
+"""The global sample sequence: the same global batches whoever reads them, full coverage, windows."""
 
 from __future__ import annotations
 
-import itertools
+import collections
 
 import pytest
 
 from mmpretrain.data.plan import (
-    batches_per_rank,
-    consumed_by_worker,
+    REGIONS,
+    batch_count,
     derive_seed,
-    epoch_plan,
+    drawn_shards,
+    epoch_sequence,
+    rank_share,
     shard_order,
-    worker_block,
 )
 from mmpretrain.shards.resolve import Shard
 
 
-def _shards(sizes):
-    return [Shard(f"s{i}.tar", n, 0) for i, n in enumerate(sizes)]
+def _shards(sizes, source=0):
+    return [Shard(f"s{source}-{i}.tar", n, source) for i, n in enumerate(sizes)]
 
 
-def _samples(plan):
-    return [(seg.shard.url, i) for seg in plan.segments for i in range(seg.start, seg.stop)]
+def _sequence(shards, epoch=1, window=8, mode="epoch", total=None, weights=None):
+    total = sum(s.size for s in shards) if total is None else total
+    return epoch_sequence(shards, seed=3, epoch=epoch, mode=mode, shuffle=True, window=window,
+                          weights=weights or {0: 1.0}, total=total)
 
 
-CASES = [  # shard sizes, world, workers, batch size
-    ([100], 2, 2, 8),  # one shard, fewer shards than processes x workers
-    ([3, 50, 1, 7, 200, 13], 2, 3, 4),  # very uneven shards
-    ([10] * 7, 3, 2, 5),
-    ([1, 1, 1], 2, 4, 1),
-    ([37, 5], 4, 1, 3),
+def _global_batches(seq, world, batch, drop_last):
+    """Per global batch, per rank: the (shard, index) samples read."""
+    out = []
+    for k in range(batch_count(seq.total, world * batch, drop_last)):
+        ranks = []
+        for rank in range(world):
+            share = rank_share(seq, k * world * batch, world * batch, rank, batch)
+            ranks.append([(seq.shards[e].url, i) for e, i in (seq.locate(slot.index) for slot in share)])
+        out.append(ranks)
+    return out
+
+
+CASES = [  # shard sizes, world, batch size
+    ([100], 2, 8),
+    ([3, 50, 1, 7, 200, 13], 2, 4),  # very uneven shards
+    ([10] * 7, 3, 5),
+    ([1, 1, 1], 2, 1),
+    ([37, 5], 4, 3),
 ]
 
 
-@pytest.mark.parametrize("sizes, world, workers, batch", CASES)
+@pytest.mark.parametrize("sizes, world, batch", CASES)
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_every_rank_gets_the_same_batch_count_and_distinct_samples(sizes, world, workers, batch, drop_last):
-    shards, total = _shards(sizes), sum(sizes)
-    seen, per_rank_batches = [], []
-    for rank in range(world):
-        rank_batches = 0
-        for worker in range(workers):
-            plan = epoch_plan(shards, seed=3, epoch=1, rank=rank, world=world, worker=worker,
-                              num_workers=workers, batch_size=batch, drop_last=drop_last, shuffle=True)
-            assert plan.samples == sum(seg.stop - seg.start for seg in plan.segments)
-            assert plan.samples <= plan.batches * batch
-            if drop_last:
-                assert plan.samples == plan.batches * batch  # full batches only
-            rank_batches += plan.batches
-            seen += _samples(plan)
-        per_rank_batches.append(rank_batches)
-    assert len(set(per_rank_batches)) == 1
-    assert per_rank_batches[0] == batches_per_rank(total, world, batch, drop_last)
-    assert len(seen) == len(set(seen))  # no sample twice in an epoch, across all ranks and workers
+def test_every_rank_gets_the_same_batch_count_and_distinct_samples(sizes, world, batch, drop_last):
+    seq, total = _sequence(_shards(sizes)), sum(sizes)
+    batches = _global_batches(seq, world, batch, drop_last)
+    seen = [s for ranks in batches for share in ranks for s in share]
+    assert len(seen) == len(set(seen))  # no sample twice in an epoch, across all ranks
     if drop_last:
-        assert total - len(seen) < world * batch  # only the last partial global batch is left out
+        assert all(len(share) == batch for ranks in batches for share in ranks)  # full batches only
+        assert len(seen) == total // (world * batch) * world * batch  # only the last partial global batch out
     else:
-        assert len(seen) == total  # evaluation: every sample exactly once
+        assert sorted(seen) == sorted((s.url, i) for s in _shards(sizes) for i in range(s.size))
 
 
-def test_round_robin_bookkeeping_matches_worker_blocks():
-    for batches, workers in itertools.product(range(0, 23), range(1, 6)):
-        blocks = [worker_block(batches, w, workers) for w in range(workers)]
-        assert sum(count for _, count in blocks) == batches
-        # DataLoader order: rank batch c comes from worker c % W; replay it and check the counts
-        delivered = [0] * workers
-        for c in range(batches):
-            delivered[c % workers] += 1
-            for w in range(workers):
-                assert consumed_by_worker(c + 1, w, workers) == delivered[w]
-        assert delivered == [count for _, count in blocks]
+@pytest.mark.parametrize("sizes", [[100], [3, 50, 1, 7, 200, 13], [10] * 7])
+def test_a_global_batch_is_the_same_samples_on_any_number_of_processes(sizes):
+    seq = _sequence(_shards(sizes), window=16)
+    reference = None
+    for world in (1, 2, 3, 4, 6, 12):
+        got = [sorted(s for share in ranks for s in share) for ranks in _global_batches(seq, world, 12 // world, True)]
+        reference = reference or got
+        assert got == reference
+
+
+def test_windows_mix_every_region_of_the_epoch_and_change_with_the_epoch():
+    shards = _shards([30, 30, 30, 30, 30, 30])  # 180 samples: 16 regions, 4 of 12 samples then 12 of 11
+    seq = _sequence(shards, window=32)
+    assert REGIONS == 16
+    order = [seq.unshuffled(p) for p in range(180)]
+    assert sorted(order) == list(range(180))  # a permutation of the epoch
+    for first in range(0, 160, 32):  # each window: 2 consecutive samples of each of the 16 regions
+        regions = collections.Counter(i // 12 if i < 48 else 4 + (i - 48) // 11 for i in order[first:first + 32])
+        assert len(regions) == 16 and set(regions.values()) == {2}, first
+        assert len({seq.locate(i)[0] for i in order[first:first + 32]}) == 6  # every shard
+    assert order != [_sequence(shards, epoch=2, window=32).unshuffled(p) for p in range(180)]
+    plain = epoch_sequence(shards, seed=3, epoch=1, mode="epoch", shuffle=False, window=32, weights={0: 1.0}, total=180)
+    assert [plain.unshuffled(p) for p in range(180)] == list(range(180))  # evaluation: the shards in order
+
+
+def test_resampled_draws_follow_the_source_weights_in_samples():
+    shards = _shards([10] * 5, 0) + _shards([40] * 5, 1)  # source 1's shards are 4x larger
+    drawn = drawn_shards(shards, {0: 3.0, 1: 1.0}, seed=0, epoch=0, total=20_000)
+    assert 20_000 <= sum(s.size for s in drawn) < 20_040
+    by_source = collections.Counter()
+    for s in drawn:
+        by_source[s.source] += s.size
+    assert abs(by_source[0] / sum(by_source.values()) - 0.75) < 0.03
+    assert drawn == drawn_shards(shards, {0: 3.0, 1: 1.0}, seed=0, epoch=0, total=20_000)
+    assert drawn != drawn_shards(shards, {0: 3.0, 1: 1.0}, seed=0, epoch=1, total=20_000)
+    seq = _sequence(shards, mode="resampled", total=1000, weights={0: 3.0, 1: 1.0})
+    assert seq.total == 1000 and sum(s.size for s in seq.shards) >= 1000
 
 
 def test_shard_order_depends_on_seed_and_epoch_only():

@@ -324,7 +324,7 @@ def test_resampled_training_reports_each_defective_shard_once_per_epoch(tmp_path
     cut_mid_member(tmp_path / "s-000000.tar", 0)
     for name in ("s-000001.tar", "s-000002.tar", "s-000003.tar"):
         (tmp_path / name).write_bytes((tmp_path / "s-000000.tar").read_bytes())
-    with pytest.raises(UserError, match="held no readable sample"):  # every shard empty: no hang
+    with pytest.raises(UserError, match="no usable samples left.*defective shards met"):  # every shard empty: no hang
         list(make_loader(pattern, batch_size=4, workers=0, **cfg_kw))
 
 
@@ -373,8 +373,10 @@ def test_training_run_over_defective_shards_logs_them_and_refills(tmp_path, caps
     _, expected = write_defective(tmp_path / "shards")
     assert main(["train", *_train_args(tmp_path / "shards", tmp_path / "run", batch_size=4)]) == 0
     train = _check_run_log(capsys.readouterr().err.splitlines(), tmp_path / "run", expected)
-    # 24 readable of 32 listed samples: steps 1-6 take them all, steps 7 and 8 are refilled
-    assert [train[s]["refilled"] for s in range(1, 9)] == [0, 0, 0, 0, 0, 0, 4, 8]
+    # 24 readable of 32 listed samples: each of the 8 missing ones is refilled in its own slot, so the
+    # running count grows where they fall in the global order and ends at 8
+    refilled = [train[s]["refilled"] for s in range(1, 9)]
+    assert refilled == sorted(refilled) and refilled[-1] == 8 and refilled[0] < 8
 
 
 def test_run_log_writes_each_defect_once_per_shard_and_epoch(tmp_path, capsys):

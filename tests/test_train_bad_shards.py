@@ -24,8 +24,12 @@ from pathlib import Path
 import pytest
 from helpers import CONFIG, ROOT, make_loader, subprocess_env, train_overrides, write_shards
 
+from mmpretrain.config import load_config
+from mmpretrain.data.plan import epoch_sequence
+from mmpretrain.data.stream import READ_CHUNK
 from mmpretrain.errors import UserError
 from mmpretrain.shards.reader import MISSING, UNREADABLE
+from mmpretrain.shards.resolve import Shard
 
 DEADLINE_S = 60  # in-process tests; a training command gets CLI_TIMEOUT_S
 CLI_TIMEOUT_S = 120
@@ -152,7 +156,7 @@ def test_only_listed_non_tars_end_in_one_line_from_the_worker(tmp_path):
     for name in ("s-000000.tar", "s-000001.tar"):
         (tmp_path / name).write_bytes(b"not a tar at all\n")
     set_sizes(tmp_path, {"s-000000.tar": 8, "s-000001.tar": 8})
-    for mode, needle in (("resampled", "held no readable sample"), ("epoch", "no usable samples left")):
+    for mode, needle in (("resampled", "no usable samples left"), ("epoch", "no usable samples left")):
         proc = train(tmp_path / mode, str(tmp_path), **{"data.mode": mode, "data.samples_per_epoch": 16})
         assert_one_line(proc, needle, str(tmp_path / "s-000000.tar"), str(tmp_path / "s-000001.tar"))
 
@@ -165,24 +169,25 @@ def test_a_pattern_matching_nothing_ends_in_one_line(tmp_path):
 
 # -- a shard deleted mid-run -------------------------------------------------------------------------
 def test_a_shard_deleted_mid_epoch_is_counted_each_epoch_until_none_is_left(tmp_path):
-    pattern = write_shards(tmp_path, [8, 8, 8, 8])
+    pattern = write_shards(tmp_path, [100, 100, 100, 100])
     loader = make_loader(pattern, batch_size=4, workers=0, shuffle=False)
     epoch = iter(loader)
-    keys = keys_of([next(epoch)])  # shard 0 is open; shard 3 is not yet
+    keys = keys_of([next(epoch)])  # the first READ_CHUNK samples are read; shard 3 is not yet
+    assert READ_CHUNK < 300
     gone = tmp_path / "s-000003.tar"
     gone.unlink()
     keys += keys_of(list(epoch))
-    assert len(keys) == 32 and set(keys) == {f"{i:09d}" for i in range(24)}
-    assert loader.skipped["refilled"] == 8
+    assert len(keys) == 400 and set(keys) == {f"{i:09d}" for i in range(300)}
+    assert loader.skipped["refilled"] == 100
     assert_repeats_are_refills(keys, loader)
     [defect] = loader.take_defects()
-    assert (defect["epoch"], defect["shard"], defect["problem"], defect["missing"]) == (0, str(gone), MISSING, 8)
+    assert (defect["epoch"], defect["shard"], defect["problem"], defect["missing"]) == (0, str(gone), MISSING, 100)
     assert "is gone" in defect["message"]
 
     before = loader.skipped["refilled"]
     keys = keys_of(list(loader))  # the next epoch proceeds without it, and says so again
-    assert len(keys) == 32 and set(keys) == {f"{i:09d}" for i in range(24)}
-    assert loader.skipped["refilled"] - before == 8
+    assert len(keys) == 400 and set(keys) == {f"{i:09d}" for i in range(300)}
+    assert loader.skipped["refilled"] - before == 100
     assert [(d["epoch"], d["shard"]) for d in loader.take_defects()] == [(1, str(gone))]
 
     for path in tmp_path.glob("*.tar"):
@@ -204,7 +209,7 @@ def test_resampled_training_whose_shards_all_vanish_ends_in_a_clear_error(tmp_pa
         for _ in stream:  # draws with replacement would go on forever
             pass
     message = str(caught.value)
-    assert "held no readable sample" in message and str(tmp_path / "s-000000.tar") in message
+    assert "no usable samples left" in message and str(tmp_path / "s-000000.tar") in message
     assert "\n" not in message and "Traceback" not in message  # the worker's line, as it was
 
 
@@ -235,5 +240,14 @@ def test_a_cut_shard_and_an_oversized_member_are_warnings_naming_the_shard(tmp_p
     data = {Path(r["shard"]).name: (r["problem"], r["missing"]) for r in rows if r["kind"] == "data"}
     assert data == {"s-000000.tar": ("too_large", 1), "s-000001.tar": (UNREADABLE, 3)}
     train_rows = [r for r in rows if r["kind"] == "train"]
-    # 16 slots in 4 steps, 13 usable samples (8 whole + 5 before the cut): 3 refills, 1 counted skip
-    assert len(train_rows) == 4 and train_rows[-1]["skipped"] == 1 and train_rows[-1]["refilled"] == 3
+    # 16 slots in 4 steps take 16 of the 17 listed samples; the unusable ones among them (the too-large
+    # one: a counted skip, and the 3 past the cut) are refilled. Which one is left out: the global order.
+    seq = epoch_sequence([Shard(str(root / "s-000000.tar"), 9, 0), Shard(str(cut), 8, 0)],
+                         seed=load_config(ROOT / CONFIG, []).train.seed, epoch=0, mode="epoch", shuffle=True, window=8,
+                         weights={0: 1.0}, total=17)
+    entry, index = seq.locate(seq.unshuffled(16))
+    left_out = (Path(seq.shards[entry].url).name, index)
+    too_large = {("s-000000.tar", 8)}
+    lost = {("s-000001.tar", i) for i in (5, 6, 7)}
+    skipped, refilled = len(too_large - {left_out}), len((too_large | lost) - {left_out})
+    assert len(train_rows) == 4 and train_rows[-1]["skipped"] == skipped and train_rows[-1]["refilled"] == refilled

@@ -1,6 +1,7 @@
 """`rng_R.json`: the random generators of process R (python, numpy, torch CPU, and the accelerator's
-when the run has one) as plain integers, so an exact resume draws the same dropout masks and
-augmentations without a pickled `random_states_R.pkl`.
+when the run has one) as plain integers, so an exact resume draws the same dropout masks without a
+pickled `random_states_R.pkl` (the loaders seed their own draws: mmpretrain.data.stream). A resume
+on more processes seeds the new ones' generators afresh (`fresh`).
 
 The accelerator's state is the one of this process's device only (accelerate's saved every visible
 GPU, which starts a context on each)."""
@@ -59,6 +60,17 @@ def parse(state: Any, path: Path, device: torch.device) -> Callable[[], None]:
         torch.set_rng_state(cpu)
         if on_device is not None:
             module.set_rng_state(on_device, device)
+
+    return restore
+
+
+def fresh(seed: int) -> Callable[[], None]:
+    """For a process the checkpoint has no generators of (a resume on more processes): the function
+    that seeds this process's generators from `seed`."""
+    def restore() -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # the accelerators' generators too
 
     return restore
 

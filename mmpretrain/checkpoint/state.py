@@ -10,7 +10,8 @@ safetensors only (mmpretrain.checkpoint.parts):
   `torch.distributed.checkpoint.state_dict` gives and takes this full, name-keyed form for a plain
   module, DDP and FSDP alike.
 - `scheduler.json` (LambdaLR's position), `scaler.json` (fp16 only), `rng_R.json` and `loader_R.json`
-  per process R (mmpretrain.checkpoint.rng; where each of its loaders stands).
+  per process R (mmpretrain.checkpoint.rng; where the loaders stand in the global sample sequence,
+  the same on every process: a resume may have another number of processes or loader workers).
 - `checkpoint.json` (mmpretrain.checkpoint.meta), naming the parts.
 
 Everything is written into `.tmp-step-NNNNNNNN/` first; `checkpoint.json` goes in last and the folder
@@ -58,6 +59,7 @@ from mmpretrain.checkpoint.parts import (
     write_json,
     write_tensors,
 )
+from mmpretrain.data.plan import derive_seed
 from mmpretrain.errors import UserError
 from mmpretrain.fileio import DiskFull, writing
 from mmpretrain.models.weights import mismatch, shapes_of, strip_prefixes
@@ -219,9 +221,8 @@ def load_checkpoint(accelerator, path: Path, loaders: dict[str, Any], *, model, 
     tuples = [{k for k, v in group.items() if isinstance(v, tuple)} for group in inner.param_groups]
     try:
         meta = _resumable_meta(accelerator, path)
-        _restore_local_parts(accelerator, path, loaders, scheduler)
-        restore_rng = rng.parse(read_json(path / rng_part(accelerator.process_index)),
-                                path / rng_part(accelerator.process_index), accelerator.device)
+        _restore_local_parts(accelerator, path, loaders, scheduler, meta)
+        restore_rng = _rng_restore(accelerator, path, meta)
         weights, optim = {}, {}
         if accelerator.is_main_process:  # the others receive them from it
             weights = _read_weights(path / CHECKPOINT_WEIGHTS, shapes)
@@ -260,23 +261,40 @@ def _resumable_meta(accelerator, path: Path) -> dict[str, Any]:
     if OPTIMIZER_JSON not in meta["parts"]:
         raise UserError(f"{path} holds no optimizer state (saved under DeepSpeed) and cannot be resumed exactly; "
                         f"start a new run from its weights with model.pretrained={path / CHECKPOINT_WEIGHTS}")
-    if meta.get("world_size") != accelerator.num_processes:
-        raise UserError(f"{path} was written by {meta.get('world_size')} processes, this run has "
-                        f"{accelerator.num_processes}; exact resume needs the same number (the data "
-                        "position is per process)")
+    if not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
+        raise invalid(path / CHECKPOINT_META, "no positive integer \"world_size\"")
     return meta
 
 
-def _restore_local_parts(accelerator, path: Path, loaders: dict[str, Any], scheduler) -> None:
-    """Loaders, scheduler and scaler: this process's objects only, no collective."""
-    part = path / loader_part(accelerator.process_index)
+def _rng_restore(accelerator, path: Path, meta: dict[str, Any]):
+    """This process's generators as saved; a process the checkpoint did not have (a resume on more
+    processes) gets fresh ones from (train seed, step, rank). The data order does not depend on it."""
+    rank, saved = accelerator.process_index, meta["world_size"]
+    if rank < saved:
+        return rng.parse(read_json(path / rng_part(rank)), path / rng_part(rank), accelerator.device)
+    seed = (meta.get("config") or {}).get("train", {}).get("seed", 0)
+    return rng.fresh(derive_seed(seed, "rng", meta["step"], rank))
+
+
+def _restore_local_parts(accelerator, path: Path, loaders: dict[str, Any], scheduler, meta: dict) -> None:
+    """Loaders, scheduler and scaler: this process's objects only, no collective. A loader's position is
+    one place in the global sample sequence, the same on every process (mmpretrain.data.plan): every
+    process reads process 0's, and the run may have another number of processes or workers."""
+    part = path / loader_part(0)
     states = read_json(part)
     if not isinstance(states, dict):
         raise invalid(part, "expected an object of loader positions")
+    notes = []
     for name, loader in loaders.items():
         if name not in states:
             raise UserError(f"{path} has no position for the {name} loader; resume with the same data settings")
-        _load_into(loader, conform(loader.state_dict(), states[name], part, name), part)
+        notes.append(_load_into(loader, conform(loader.state_dict(), states[name], part, name), part))
+    if meta["world_size"] != accelerator.num_processes:
+        notes.append(f"the checkpoint was written by {meta['world_size']} processes, this run has "
+                     f"{accelerator.num_processes}; the data continues where it stood")
+    if accelerator.is_main_process:
+        for note in dict.fromkeys(n for n in notes if n):
+            print(f"mmpretrain train: resume: {note}", flush=True)
     part = path / SCHEDULER
     _load_into(scheduler, conform(jsonable(scheduler.state_dict()), read_json(part), part), part)
     if accelerator.scaler is not None:
@@ -284,9 +302,9 @@ def _restore_local_parts(accelerator, path: Path, loaders: dict[str, Any], sched
         _load_into(accelerator.scaler, conform(accelerator.scaler.state_dict(), read_json(part), part), part)
 
 
-def _load_into(owner, state: dict[str, Any], part: Path) -> None:
+def _load_into(owner, state: dict[str, Any], part: Path):
     try:
-        owner.load_state_dict(state)
+        return owner.load_state_dict(state)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise invalid(part, f"{type(exc).__name__}: {exc}") from None
 

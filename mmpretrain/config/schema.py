@@ -100,9 +100,9 @@ class DataConfig:
     samples_per_epoch: int | None = None
     """Resampled mode: length of a virtual epoch (for the epoch count); None = all samples."""
     shuffle_buffer: int = 1000
-    """Samples in the shuffle buffer of each worker."""
+    """Samples per shuffle window of the global sample order (after the shard shuffle)."""
     num_workers: int = 2
-    """DataLoader workers per process; exact resume needs the same number."""
+    """DataLoader workers per process; a resume may use another number (and another process count)."""
     context_length: int = 77
     """Tokens per text, <start> and <end> included; must not exceed the model's context length."""
     augmentation: dict = field(default_factory=dict)
@@ -233,6 +233,9 @@ class LoggingConfig:
     """Tracker project name (wandb)."""
     progress: bool = True
     """Progress bar on the main process."""
+    sample_keys: bool = False
+    """Write the keys of the samples each process trained on, per step, to RUN/sample_keys/rank-R.jsonl
+    (to check what a run read: a global batch is the same samples on any number of processes)."""
 
 
 @dataclass

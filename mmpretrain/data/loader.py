@@ -21,7 +21,7 @@ from mmpretrain.config import DataConfig, MaskingConfig, PairObjective
 from mmpretrain.data.plan import derive_seed
 from mmpretrain.data.records import ImageTextBatch, TextBatch
 from mmpretrain.data.stream import Position, ShardStream, StreamConfig, unusable
-from mmpretrain.data.text.objectives import concat_text_batches, text_batch
+from mmpretrain.data.text.objectives import sample_text_batch
 from mmpretrain.data.text.tokenizer import Tokenizer
 from mmpretrain.data.transforms import image_transforms
 from mmpretrain.errors import UserError
@@ -49,8 +49,9 @@ class TextBranch:
 
 
 class ImageTextDecoder:
-    """Raw sample -> (PIL image, caption, metadata) -> batch. Transforms run at collate time, under
-    the batch's seed, so augmentation replays exactly after a resume."""
+    """Raw sample -> (PIL image, caption, metadata) -> batch. Transforms run at collate time, each
+    image under its sample's seed, so augmentation replays exactly after a resume, on any number of
+    processes and workers."""
 
     def __init__(self, transform: Callable, tokenizer: Tokenizer, caption_key: str = "txt",
                  text_branch: TextBranch | None = None, require_caption: bool = True):
@@ -86,17 +87,18 @@ class ImageTextDecoder:
             "source": (sample["__url__"], sample["__index__"]),
         }
 
-    def collate(self, items: list[dict], seed: int) -> ImageTextBatch:
-        with torch.random.fork_rng(devices=[]):  # augmentation draws from the batch's own seed
-            torch.manual_seed(seed)
-            images = [self.transform(item["image"]) for item in items]
+    def collate(self, items: list[dict], seeds: list[int]) -> ImageTextBatch:
+        images = []
+        with torch.random.fork_rng(devices=[]):  # augmentation draws from each sample's own seed
+            for item, seed in zip(items, seeds):
+                torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed
+                images.append(self.transform(item["image"]))  # also seeds every accelerator (0.1 ms)
         captions = [item["caption"] for item in items]
         tokens = self.tokenizer.encode(captions)
         text = None
         if self.text_branch is not None:  # no text shards: the text branch learns from the captions
-            generator = torch.Generator().manual_seed(seed)
-            text = text_batch(captions, self.tokenizer, self.text_branch.masking, generator,
-                              self.text_branch.pair_objective)
+            text = sample_text_batch(captions, seeds, self.tokenizer, self.text_branch.masking,
+                                     self.text_branch.pair_objective)
         return ImageTextBatch(
             images=torch.stack(images) if images else torch.empty((0, *self.image_shape)),
             tokens=tokens.ids, eot_index=tokens.eot_index, lengths=tokens.lengths,
@@ -110,8 +112,9 @@ class ImageTextDecoder:
 class TextDecoder:
     """Text-only shards -> MLM/AR (and optional sentence-pair) batches.
 
-    With `sample_seed` (evaluation) each text is masked with a generator seeded by (sample_seed, its
-    key), so the masks do not depend on batch composition or on the number of processes."""
+    Each text is masked with its own generator: seeded by its place in the epoch's sequence
+    (training), or with `sample_seed` (evaluation) by (sample_seed, its key), so the masks do not
+    depend on batch composition or on the number of processes."""
 
     def __init__(self, tokenizer: Tokenizer, text_branch: TextBranch, text_key: str = "txt",
                  sample_seed: int | None = None):
@@ -124,27 +127,22 @@ class TextDecoder:
     def decode(self, sample: dict, skipped: Counter):
         return sample["__key__"], sample[self.text_key].decode("utf-8").strip()
 
-    def collate(self, items: list[tuple[str, str]], seed: int) -> TextBatch:
-        texts = [text for _, text in items]
+    def collate(self, items: list[tuple[str, str]], seeds: list[int]) -> TextBatch:
+        if self.sample_seed is not None:
+            seeds = [derive_seed(self.sample_seed, "mask", key) for key, _ in items]
         branch = self.text_branch
-        if self.sample_seed is None:
-            generator = torch.Generator().manual_seed(seed)
-            batch = text_batch(texts, self.tokenizer, branch.masking, generator, branch.pair_objective)
-        elif items:
-            batch = concat_text_batches([
-                text_batch([text], self.tokenizer, branch.masking,
-                           torch.Generator().manual_seed(derive_seed(self.sample_seed, "mask", key)),
-                           branch.pair_objective) for key, text in items])
-        else:
-            batch = text_batch([], self.tokenizer, branch.masking, torch.Generator(), None)
+        batch = sample_text_batch([text for _, text in items], seeds, self.tokenizer, branch.masking,
+                                  branch.pair_objective)
         batch.keys = [key for key, _ in items]
         return batch
 
 
 class Loader:
-    """One epoch per `iter()`; `state_dict()` says how far it got, `load_state_dict()` resumes there.
-    `skipped` counts samples dropped as unusable, by reason, and batch slots "refilled" with a repeat;
-    `take_defects()` hands out the defective shards the workers met since the last call (for logging)."""
+    """One epoch per `iter()`; `state_dict()` says how far it got in the epoch's global sequence (the
+    same on every process), `load_state_dict()` resumes there, on any number of processes and
+    workers. `skipped` counts samples dropped as unusable, by reason, and batch slots "refilled" with
+    another sample; `take_defects()` hands out the defective shards the workers met since the last
+    call (for logging)."""
 
     def __init__(self, stream: ShardStream, num_workers: int = 2, pin_memory: bool = False,
                  prefetch_factor: int = 2):
@@ -152,6 +150,7 @@ class Loader:
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.skipped: Counter = Counter()
         self._defects: list[dict] = []
+        self._defects_seen: set[tuple[int, str]] = set()  # (epoch, shard): several workers may meet one
 
     def __len__(self) -> int:
         return self.stream.batches_per_epoch()
@@ -161,21 +160,27 @@ class Loader:
 
     def state_dict(self) -> dict:
         pos = self.stream.position
-        return {"epoch": pos.epoch, "batches": pos.batches, "raw": dict(pos.raw), "num_workers": self.num_workers}
+        return {"epoch": pos.epoch, "samples": pos.samples, "global_batch": self.stream.global_batch}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("num_workers", self.num_workers) != self.num_workers:
-            raise UserError(
-                f"the checkpoint's loader ran with {state['num_workers']} workers, this one with "
-                f"{self.num_workers}; exact resume needs the same data.num_workers"
-            )
-        self.stream.position = Position(state["epoch"], state["batches"], {int(k): v for k, v in state["raw"].items()})
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue at the checkpoint's place in the global sequence. Returns a line to print when the
+        global batch (processes x batch size) differs from the checkpoint's, else None."""
+        epoch, samples, saved = (int(state[k]) for k in ("epoch", "samples", "global_batch"))
+        if epoch < 0 or not 0 <= samples <= self.stream.total_samples():
+            raise ValueError(f"position {samples} of epoch {epoch} is outside the epoch's "
+                             f"{self.stream.total_samples()} samples")
+        self.stream.position = Position(epoch, samples)
+        size = self.stream.global_batch
+        if saved == size:
+            return None
+        return (f"the checkpoint read global batches of {saved} samples, this run reads {size} "
+                f"({self.stream.world} processes x {self.stream.cfg.batch_size}): the same sample sequence "
+                f"continues at sample {samples} of epoch {epoch}, cut into batches of {size}")
 
     def __iter__(self) -> Iterator[ImageTextBatch | TextBatch]:
-        pos = self.stream.position
-        if pos.batches >= len(self):
-            self.set_epoch(pos.epoch + 1)
-            pos = self.stream.position
+        if self.stream.batches_left() == 0:
+            self.set_epoch(self.stream.position.epoch + 1)
+        pos, total = self.stream.position, self.stream.total_samples()
         # Its own generator: without one every iter() draws the workers' base seed from the global torch
         # generator, and a resumed run (which starts one more iterator) would continue one draw off.
         # The stream seeds all of its randomness itself, so the base seed's value does not matter.
@@ -187,10 +192,12 @@ class Loader:
         for batch, meta in loader:
             if "error" in meta:  # a user error in a worker (ShardStream.__iter__), raised as it was
                 raise meta["error"]
-            pos.batches += 1
-            pos.raw[meta["worker"]] = meta["raw"]
+            pos.samples = min(pos.samples + self.stream.global_batch, total)
             self.skipped.update(meta["skipped"])
-            self._defects += meta["defects"]
+            for defect in meta["defects"]:
+                if (defect["epoch"], defect["shard"]) not in self._defects_seen:
+                    self._defects_seen.add((defect["epoch"], defect["shard"]))
+                    self._defects.append(defect)
             yield batch
 
     def take_defects(self) -> list[dict]:
@@ -208,7 +215,7 @@ def image_text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, transform: Cal
                       world: int = 1, num_workers: int = 2, caption_key: str = "txt",
                       text_branch: TextBranch | None = None, pin_memory: bool = False,
                       require_caption: bool = True) -> Loader:
-    shards = resolve(list(cfg.shards), need_sizes=cfg.mode == "epoch" or not cfg.samples_per_epoch)
+    shards = resolve(list(cfg.shards), need_sizes=True)
     decoder = ImageTextDecoder(transform, tokenizer, caption_key, text_branch, require_caption)
     _check_first_shard(shards, decoder, cfg.max_member_bytes)
     return _loader(cfg, shards, decoder, rank, world, num_workers, pin_memory)
@@ -217,7 +224,7 @@ def image_text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, transform: Cal
 def text_loader(cfg: StreamConfig, *, tokenizer: Tokenizer, text_branch: TextBranch, rank: int = 0,
                 world: int = 1, num_workers: int = 2, text_key: str = "txt",
                 sample_seed: int | None = None) -> Loader:
-    shards = resolve(list(cfg.shards), need_sizes=cfg.mode == "epoch" or not cfg.samples_per_epoch)
+    shards = resolve(list(cfg.shards), need_sizes=True)
     decoder = TextDecoder(tokenizer, text_branch, text_key, sample_seed)
     _check_first_shard(shards, decoder, cfg.max_member_bytes)
     return _loader(cfg, shards, decoder, rank, world, num_workers, False)

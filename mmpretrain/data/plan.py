@@ -1,74 +1,41 @@
-"""Who reads what in an epoch: the arithmetic that gives every process the same number of batches.
+"""Who reads what: one global sample sequence per epoch, the same whoever reads it.
 
-Epoch mode: the epoch's shard order (shuffled by (seed, epoch), identical on every rank) defines
-one global sequence of samples. It is cut into `world` contiguous ranges of whole batches, so
-ranks read distinct samples even when there are fewer shards than processes × workers, and only
-boundary shards are opened by two readers. Each rank's batches are dealt to its workers in
-contiguous blocks; PyTorch's DataLoader takes batches from workers round-robin, so rank batch `c`
-is batch `c // W` of worker `c % W`.
+The sequence of an epoch depends only on (seed, epoch, the shards and their sizes):
+
+- epoch mode: the shards in an order shuffled by (seed, epoch), their samples concatenated;
+- resampled mode: shards drawn with replacement by (seed, epoch), in proportion to their size within
+  a source, each source's share of samples following its weight, concatenated up to the epoch's length;
+- that sequence is cut into REGIONS contiguous regions, which are interleaved (position q holds
+  sample q // REGIONS of region q % REGIONS), so any stretch of the sequence mixes samples from
+  every part of the epoch, as parallel readers of distinct regions did;
+- then cut into consecutive windows of `window` samples (data.shuffle_buffer), each permuted by
+  (seed, epoch, window). Effective shuffle: the shard order, then each window draws window / REGIONS
+  consecutive samples from each of the REGIONS regions and permutes them.
+
+Global batch k of an epoch resumed at sample `start` holds positions [start + k G, start + (k+1) G),
+G = processes x batch size. Rank r takes the r-th `batch_size` of them, ranked by their place in the
+concatenated shards (the order inside a batch does not change a loss; sorting keeps each process on
+about 1/world of the regions). A rank's batches go to its DataLoader workers round-robin,
+which is the order DataLoader takes them in: batch k of an iterator comes from worker k % workers.
+So the G samples of a global batch are the same on 1 process x G or 8 x G/8, with any worker count,
+and a checkpoint need only store `start`.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mmpretrain.errors import UserError
 from mmpretrain.shards.resolve import Shard
 
 
 def derive_seed(*parts) -> int:
-    """A 63-bit seed from named parts, e.g. derive_seed(seed, "shuffle", epoch, rank, worker)."""
+    """A 63-bit seed from named parts, e.g. derive_seed(seed, "window", epoch, index)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples [start, stop) of one shard."""
-
-    shard: Shard
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    batches: int  # batches this worker yields this epoch
-    first_batch: int  # index of its first batch among the rank's batches
-    segments: tuple[Segment, ...]  # the samples it reads, in order
-    samples: int  # total samples in segments (may be fewer than batches * batch_size)
-
-
-def batches_per_rank(total: int, world: int, batch_size: int, drop_last: bool) -> int:
-    if drop_last:
-        return total // (world * batch_size)
-    return _ceil_div(_ceil_div(total, world), batch_size)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def rank_range(total: int, rank: int, world: int, batch_size: int, drop_last: bool) -> tuple[int, int]:
-    """[start, stop) of the global sample sequence that `rank` reads."""
-    if drop_last:
-        per_rank = total // (world * batch_size) * batch_size
-        return rank * per_rank, (rank + 1) * per_rank
-    base, extra = divmod(total, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def worker_block(batches: int, worker: int, num_workers: int) -> tuple[int, int]:
-    """(first batch, batch count) of `worker`: earlier workers get the extra batches."""
-    base, extra = divmod(batches, num_workers)
-    return worker * base + min(worker, extra), base + (worker < extra)
-
-
-def consumed_by_worker(consumed: int, worker: int, num_workers: int) -> int:
-    """How many of its own batches `worker` had delivered when the rank had delivered `consumed`."""
-    return max(0, (consumed - worker + num_workers - 1) // num_workers)
 
 
 def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -78,27 +45,111 @@ def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> li
     return order
 
 
-def epoch_plan(
-    shards: list[Shard], *, seed: int, epoch: int, rank: int, world: int, worker: int, num_workers: int,
-    batch_size: int, drop_last: bool, shuffle: bool,
-) -> WorkerPlan:
-    order = shard_order(shards, seed, epoch, shuffle)
-    total = sum(s.size for s in order)
-    batches = batches_per_rank(total, world, batch_size, drop_last)
-    lo, hi = rank_range(total, rank, world, batch_size, drop_last)
-    first, count = worker_block(batches, worker, num_workers)
-    start = min(lo + first * batch_size, hi)
-    stop = min(lo + (first + count) * batch_size, hi)
-    return WorkerPlan(count, first, tuple(_segments(order, start, stop)), stop - start)
+def drawn_shards(shards: list[Shard], weights: dict[int, float], seed: int, epoch: int, total: int) -> list[Shard]:
+    """Resampled mode: shards drawn with replacement until they hold `total` samples. Within a source a
+    shard is drawn in proportion to its size, so every sample of the source is as likely (a small last
+    shard is not over-represented); a source is drawn in proportion to its weight over the mean size
+    of its draws, so its share of *samples* follows its weight."""
+    by_source: dict[int, list[Shard]] = {}
+    for shard in shards:
+        if shard.size:
+            by_source.setdefault(shard.source, []).append(shard)
+    sources = sorted(by_source)
+    if not sources:
+        raise UserError("resampled mode: none of the shards holds a sample")
+    sizes = {s: [x.size for x in by_source[s]] for s in sources}
+    odds = [weights[s] * sum(sizes[s]) / sum(n * n for n in sizes[s]) for s in sources]
+    rng, drawn, held = random.Random(derive_seed(seed, "resample", epoch)), [], 0
+    while held < total:
+        source = rng.choices(sources, odds)[0]
+        shard = rng.choices(by_source[source], sizes[source])[0]
+        drawn.append(shard)
+        held += shard.size
+    return drawn
 
 
-def _segments(order: list[Shard], start: int, stop: int):
-    """Cut the global range [start, stop) into per-shard pieces."""
-    offset = 0
-    for shard in order:
-        lo, hi = max(start, offset), min(stop, offset + shard.size)
-        if lo < hi:
-            yield Segment(shard, lo - offset, hi - offset)
-        offset += shard.size
-        if offset >= stop:
-            break
+REGIONS = 16  # interleaved regions of a shuffled epoch; also the shards a worker holds open at once
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One sample of a batch: its position in the epoch's sequence and its index in the concatenated shards."""
+
+    position: int
+    index: int
+
+
+@dataclass
+class GlobalSequence:
+    """An epoch's global sample sequence: position -> (entry of `shards`, sample index in that shard)."""
+
+    shards: list[Shard]  # in sequence order; resampled mode may list a shard twice
+    total: int  # positions in the epoch (resampled: the epoch's length, the last draw cut short)
+    window: int  # samples per shuffle window (1: no shuffle)
+    seed: int
+    epoch: int
+    regions: int = REGIONS  # 1: no interleave
+    starts: list[int] = field(init=False)
+    _perms: dict[int, list[int]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        self.window = max(1, self.window)
+        self.starts, offset = [], 0
+        for shard in self.shards:
+            self.starts.append(offset)
+            offset += shard.size
+        self.total = min(self.total, offset)
+
+    def unshuffled(self, position: int) -> int:
+        """Where `position` sits in the concatenated shards (before the window shuffle and interleave)."""
+        if self.window > 1:
+            w, offset = divmod(position, self.window)
+            position = w * self.window + self._perm(w)[offset]
+        if self.regions == 1:
+            return position
+        base, extra = divmod(self.total, self.regions)  # regions < extra hold base + 1 samples
+        i, region = divmod(position, self.regions)
+        return region * base + min(region, extra) + i
+
+    def window_of(self, position: int) -> tuple[int, int]:
+        """[first, stop) of the window holding `position` (in either order: a window maps to itself)."""
+        first = position // self.window * self.window
+        return first, min(first + self.window, self.total)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(entry, sample index in its shard) of unshuffled index `index`."""
+        entry = bisect.bisect_right(self.starts, index) - 1
+        return entry, index - self.starts[entry]
+
+    def _perm(self, w: int) -> list[int]:
+        if w not in self._perms:
+            if len(self._perms) >= 4:  # a worker moves forward: the windows behind it are done
+                self._perms.pop(next(iter(self._perms)))
+            first, stop = self.window_of(w * self.window)
+            perm = list(range(stop - first))
+            random.Random(derive_seed(self.seed, "window", self.epoch, w)).shuffle(perm)
+            self._perms[w] = perm
+        return self._perms[w]
+
+
+def epoch_sequence(shards: list[Shard], *, seed: int, epoch: int, mode: str, shuffle: bool, window: int,
+                   weights: dict[int, float], total: int) -> GlobalSequence:
+    """The global sequence of `epoch` (see the module docstring); `total`: its length."""
+    if mode == "epoch":
+        ordered = shard_order(shards, seed, epoch, shuffle)
+    else:
+        ordered = drawn_shards(shards, weights, seed, epoch, total)
+    return GlobalSequence(ordered, total, window if shuffle else 1, seed, epoch, REGIONS if shuffle else 1)
+
+
+def batch_count(remaining: int, global_batch: int, drop_last: bool) -> int:
+    """Global batches left in an epoch with `remaining` positions: whole ones only when drop_last."""
+    return remaining // global_batch if drop_last else -(-remaining // global_batch)
+
+
+def rank_share(seq: GlobalSequence, first: int, global_batch: int, rank: int, batch_size: int) -> list[Slot]:
+    """The slots rank `rank` reads of the global batch starting at position `first`, in the order of
+    the concatenated shards (positions past the epoch's end are not in the batch: evaluation's last)."""
+    stop = min(first + global_batch, seq.total)
+    members = sorted((Slot(p, seq.unshuffled(p)) for p in range(first, stop)), key=lambda slot: slot.index)
+    return members[rank * batch_size:(rank + 1) * batch_size]

@@ -1,19 +1,28 @@
-"""The per-worker sample stream: plan -> raw samples -> seeded shuffle -> skip/validate -> batches.
+"""The per-worker sample stream: global sequence -> this worker's share -> read, check, decode -> batches.
 
-Everything before decoding works on raw member bytes, so resuming skips consumed samples without
-decoding them: a worker replays its raw stream (same shards, same shuffle) and drops the first
-`position` outputs. All randomness is drawn from generators seeded by (seed, purpose, epoch, rank,
-worker[, batch]); no global RNG leaks in or out.
+mmpretrain.data.plan defines each epoch's global sample sequence from (seed, epoch, data) alone and
+which samples of each global batch a rank reads; a rank's batches are dealt to its DataLoader workers
+round-robin. A worker reads one read-window (the shuffle window, at least READ_CHUNK samples) at a
+time: each shard of the window is opened once and only the samples this worker delivers are read
+(a local tar seeks past the others), so resuming anywhere costs nothing and reads nothing twice.
+Augmentation and masking draw from a generator seeded by (seed, epoch, the sample's place in the
+sequence), so a sample looks the same whoever reads it. No global RNG leaks in or out.
+
+An unusable slot (a sample the decoder rejects or cannot decode, one with a member over
+`max_member_bytes`, or one a defective shard no longer holds) is refilled with another sample chosen
+by (seed, epoch, slot): first from the same shuffle window, then from all the listed shards. The skip is
+counted by reason and the refill as "refilled", so batches stay full and identical across process and
+worker counts, and nothing is dropped without a record.
 
 A defective shard (cut short, gone, or holding fewer samples than sizes.json lists: shards.reader)
-does not stop training: its readable samples are used, the slots it leaves are refilled, and each
-batch's meta carries the defects its worker met (once per shard and epoch) to the main process, where
-the trainer logs them. Evaluation (drop_last=False, every sample exactly once) stops on one instead.
-Two findings in a readable shard make a defect line too: samples with a member over
-`max_member_bytes` (each a counted "too_large" skip; no member is read before its size is known), and
-a shard none of whose samples read is usable (no captions: open_clip #569). Other unusable samples
-are only counted, by reason: img2dataset's LAION shards hold a few empty captions in most shards, and
-a warning per shard and epoch would bury the ones that matter.
+does not stop training: its readable samples are used, and each batch's meta carries the defects its
+worker met (once per shard and epoch) to the main process, where the trainer logs them. Evaluation
+(drop_last=False, every sample exactly once) stops on one instead. Two findings in a readable shard
+make a defect line too: samples with a member over `max_member_bytes` (each a counted "too_large"
+skip; no member is read before its size is known), and a read none of whose samples is usable (no
+captions: open_clip #569). Other unusable samples are only counted, by reason: img2dataset's LAION
+shards hold a few empty captions in most shards, and a warning per shard and epoch would bury the
+ones that matter.
 
 A user error in a DataLoader worker travels to the main process in the batch meta and is raised
 there as it was: DataLoader's own re-raise would put the worker's traceback into its message.
@@ -21,44 +30,41 @@ there as it was: DataLoader's own re-raise would put the worker's traceback into
 
 from __future__ import annotations
 
-import random
-from collections import Counter
+import math
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.config import DataMode, choices
-from mmpretrain.data.plan import (
-    WorkerPlan,
-    batches_per_rank,
-    consumed_by_worker,
-    derive_seed,
-    epoch_plan,
-    worker_block,
-)
+from mmpretrain.data.plan import GlobalSequence, Slot, batch_count, derive_seed, epoch_sequence, rank_share
 from mmpretrain.errors import UserError
 from mmpretrain.shards.reader import MAX_MEMBER_BYTES, TOO_LARGE, ShardError, iter_tar_samples, too_large
 from mmpretrain.shards.resolve import Shard, ShardSource
 
-# Resampled mode gives up when this many samples in a row were unusable (all shards bad), or when
-# this many shards drawn in a row held no readable sample.
-MAX_CONSECUTIVE_BAD = 100_000
-MAX_EMPTY_DRAWS = 1000
+# A worker reads at least this many consecutive positions of the sequence at once (the shuffle window
+# when it is larger): without a shuffle window every batch would open its shards again.
+READ_CHUNK = 256
+# An unusable slot is refilled from its own shuffle window for this many tries, then from anywhere in
+# the epoch; after MAX_REFILL_TRIES the shards hold (next to) no usable sample and the run stops.
+WINDOW_REFILL_TRIES = 16
+MAX_REFILL_TRIES = 1000
 
 # The problems a defect line names besides the reader's ShardError ones (metrics.jsonl "data" lines).
 OVERSIZED = "too_large"  # samples with a member over max_member_bytes (also their skip reason)
 NO_USABLE = "no_usable_samples"  # every sample read from the shard was unusable
+NO_USABLE_READ = 4  # fewer unusable samples read from a larger shard say nothing of the shard
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     shards: tuple[ShardSource, ...]
-    batch_size: int
+    batch_size: int  # per process
     mode: str = "epoch"  # "epoch": one pass, no sample twice; "resampled": shards drawn with replacement
     seed: int = 0
-    shuffle: bool = True  # shard order and the sample buffer
-    shuffle_buffer: int = 1000
+    shuffle: bool = True  # shard order and the sample window
+    shuffle_buffer: int = 1000  # samples per shuffle window of the global sequence
     drop_last: bool = True  # False (evaluation): every sample once, last batches may be short
     samples_per_epoch: int | None = None  # resampled: length of a (virtual) epoch; default: all samples
     max_member_bytes: int | None = MAX_MEMBER_BYTES  # larger members make a "too_large" skip; None: no limit
@@ -71,11 +77,11 @@ class StreamConfig:
 
 @dataclass
 class Position:
-    """Where a loader stands: batches delivered this epoch, and per worker its raw-stream position."""
+    """Where a loader stands: the epoch, and how many samples of its global sequence all processes
+    together have been handed (a multiple of the global batch, but for evaluation's last batch)."""
 
     epoch: int = 0
-    batches: int = 0
-    raw: dict[int, int] = field(default_factory=dict)
+    samples: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -87,125 +93,224 @@ class ShardStream(IterableDataset):
             raise UserError(f"data mode must be one of {', '.join(choices(DataMode))}, got '{cfg.mode}'")
         self.cfg, self.shards, self.decoder, self.rank, self.world = cfg, shards, decoder, rank, world
         self.position = Position()
+        self._sequence: GlobalSequence | None = None
+        self.listed = GlobalSequence(list(shards), sum(s.size for s in shards), 1, cfg.seed, -1, 1)  # refills
 
     # -- sizes -------------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
+
+    @property
+    def drop_last(self) -> bool:
+        return self.cfg.drop_last or self.cfg.mode == "resampled"
+
     def total_samples(self) -> int:
         if self.cfg.mode == "resampled" and self.cfg.samples_per_epoch:
             return self.cfg.samples_per_epoch
-        if any(s.size is None for s in self.shards):
-            raise UserError("resampled mode over shards without sample counts needs samples_per_epoch")
         return sum(s.size for s in self.shards)
 
     def batches_per_epoch(self) -> int:
-        drop_last = self.cfg.drop_last or self.cfg.mode == "resampled"
-        return batches_per_rank(self.total_samples(), self.world, self.cfg.batch_size, drop_last)
+        return batch_count(self.total_samples(), self.global_batch, self.drop_last)
+
+    def batches_left(self) -> int:
+        """Batches of the current epoch from the current position on."""
+        return batch_count(self.total_samples() - self.position.samples, self.global_batch, self.drop_last)
+
+    def sequence(self, epoch: int) -> GlobalSequence:
+        """The global sample sequence of `epoch` (plan.epoch_sequence)."""
+        if self._sequence is None or self._sequence.epoch != epoch:
+            cfg = self.cfg
+            self._sequence = epoch_sequence(
+                self.shards, seed=cfg.seed, epoch=epoch, mode=cfg.mode, shuffle=cfg.shuffle,
+                window=cfg.shuffle_buffer, weights={i: s.weight for i, s in enumerate(cfg.shards)},
+                total=self.total_samples())
+        return self._sequence
+
+    def shares(self, worker: int, num_workers: int) -> Iterator[list[Slot]]:
+        """The slots of each batch `worker` delivers from the current position on (taken now: without
+        workers the loader moves the position while the batches are read)."""
+        start, size, count = self.position.samples, self.global_batch, self.batches_left()
+        seq = self.sequence(self.position.epoch)
+        return (rank_share(seq, start + k * size, size, self.rank, self.cfg.batch_size)
+                for k in range(worker, count, num_workers))
 
     # -- iteration (runs in each DataLoader worker) ------------------------------------------
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        pos = self.position
-        num_workers = info.num_workers if info else 1
-        # DataLoader always starts its round-robin at worker 0; after a resume at rank batch c the
-        # next batch belongs to worker c % W, so DataLoader worker i plays worker (i + c) % W.
-        worker = ((info.id if info else 0) + pos.batches) % num_workers
-        plan = self._plan(worker, num_workers)
-        done = min(plan.batches, consumed_by_worker(pos.batches, worker, num_workers))
-        defects = _Defects(pos.epoch)
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.position.epoch
+        reader = _WindowReader(self, self.sequence(epoch), _Defects(epoch))
         try:
-            raw = _RawStream(self._raw(plan, worker, defects), self.decoder, pos.raw.get(worker, 0))
-            for j in range(done, plan.batches):
-                size = self._batch_size(plan, j)
-                items = self._fill(raw, size, defects)
-                seed = derive_seed(self.cfg.seed, "batch", pos.epoch, self.rank, worker, j)
-                batch = self.decoder.collate(items, seed)
-                # (batch, meta): where the worker stands travels beside the typed batch record
-                yield batch, {"worker": worker, "raw": raw.position, "skipped": dict(raw.take_skipped()),
-                              "defects": defects.take()}
+            for share, samples in reader.batches(self.shares(worker, num_workers)):
+                items = [self._usable(reader, slot, sample) for slot, sample in zip(share, samples)]
+                seeds = [derive_seed(self.cfg.seed, "sample", epoch, slot.index) for slot in share]
+                batch = self.decoder.collate(items, seeds)
+                # (batch, meta): what the worker met travels beside the typed batch record
+                yield batch, {"skipped": dict(reader.take_skipped()), "defects": reader.defects.take()}
         except UserError as e:
             if info is None:
                 raise
             yield None, {"error": e}  # Loader raises it in the main process, its one line intact
+        finally:
+            reader.close()
 
-    def _plan(self, worker: int, num_workers: int) -> WorkerPlan:
-        cfg = self.cfg
-        if cfg.mode == "epoch":
-            return epoch_plan(
-                self.shards, seed=cfg.seed, epoch=self.position.epoch, rank=self.rank, world=self.world,
-                worker=worker, num_workers=num_workers, batch_size=cfg.batch_size,
-                drop_last=cfg.drop_last, shuffle=cfg.shuffle,
-            )
-        first, count = worker_block(self.batches_per_epoch(), worker, num_workers)
-        return WorkerPlan(count, first, (), count * cfg.batch_size)
+    def _usable(self, reader: _WindowReader, slot: Slot, sample: dict | None):
+        """The slot's decoded item: its own sample's, or a refill's (module docstring)."""
+        item = reader.decode(sample, count=True)
+        if item is not None:
+            return item
+        seq = reader.seq
+        first, stop = seq.window_of(slot.position)
+        for attempt in range(MAX_REFILL_TRIES):
+            draw = derive_seed(self.cfg.seed, "refill", seq.epoch, slot.index, attempt)
+            if attempt < WINDOW_REFILL_TRIES:
+                sample = reader.read_one(seq, seq.unshuffled(first + draw % (stop - first)))
+            else:  # any listed sample: a resampled epoch may have drawn only defective shards
+                sample = reader.read_one(self.listed, draw % self.listed.total)
+            item = reader.decode(sample, count=False)
+            if item is not None:
+                reader.skipped["refilled"] += 1
+                return item
+        raise UserError(
+            f"no usable samples left for rank {self.rank} ({MAX_REFILL_TRIES} refill tries failed; skipped: "
+            f"{dict(reader.skipped_total)}; defective shards met: {reader.defects.summary()}); check that "
+            "the shards exist and hold images and captions under the configured keys (`mmpretrain inspect`)"
+        )
 
-    def _batch_size(self, plan: WorkerPlan, j: int) -> int:
-        return max(0, min(self.cfg.batch_size, plan.samples - j * self.cfg.batch_size))
 
-    def _raw(self, plan: WorkerPlan, worker: int, defects: _Defects) -> Iterator[dict]:
-        cfg, epoch = self.cfg, self.position.epoch
-        if cfg.mode == "epoch":
-            samples = (s for seg in plan.segments for s in self._read(seg.shard, defects, seg.start, seg.stop))
-        else:
-            samples = self._resampled(derive_seed(cfg.seed, "resample", epoch, self.rank, worker), defects)
-        if not cfg.shuffle or cfg.shuffle_buffer <= 1:
-            return samples
-        return shuffled(samples, cfg.shuffle_buffer, derive_seed(cfg.seed, "buffer", epoch, self.rank, worker))
+class _WindowReader:
+    """The raw samples of a worker's batches, read a chunk of whole shuffle windows at a time (module
+    docstring). The positions of a chunk take consecutive samples of each region, so a worker keeps one
+    cursor per shard it is in and moves it forward: each shard is opened once per worker and epoch,
+    and a local tar seeks past the samples other readers take."""
 
-    def _read(self, shard: Shard, defects: _Defects, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        """Samples [start, stop) of a shard; the readable ones when it is defective (training). The
-        unusable ones are tallied for the shard's defect line."""
-        tally = _Tally()
+    def __init__(self, stream: ShardStream, seq: GlobalSequence, defects: _Defects):
+        self.stream, self.seq, self.defects = stream, seq, defects
+        unit = math.lcm(seq.window, seq.regions)
+        self.chunk = -(-READ_CHUNK // unit) * unit
+        self.cache: dict[int, dict | None] = {}
+        self.read_chunks: set[int] = set()
+        self.cursors: dict[int, _Cursor] = {}
+        self.skipped, self.skipped_total = Counter(), Counter()
+
+    def batches(self, shares: Iterator[list[Slot]]) -> Iterator[tuple[list[Slot], list[dict | None]]]:
+        ahead: deque[list[Slot]] = deque()
+        upcoming = iter(shares)
+        while True:
+            share = ahead.popleft() if ahead else next(upcoming, None)
+            if share is None:
+                return
+            for chunk in sorted({slot.position // self.chunk for slot in share} - self.read_chunks):
+                # every batch of this worker with samples in the chunk: its shards are read once
+                while not (ahead and ahead[-1] and self._first(ahead[-1]) // self.chunk > chunk):
+                    later = next(upcoming, None)
+                    if later is None:
+                        break
+                    ahead.append(later)
+                self._read(sorted(slot.index for part in (share, *ahead) for slot in part
+                                  if slot.position // self.chunk == chunk))
+                self.read_chunks.add(chunk)
+            samples = [self.cache.pop(slot.index, None) for slot in share]
+            if not ahead:
+                later = next(upcoming, None)
+                if later is None:  # the last batch: what the open shards found goes out with it
+                    self.close()
+                else:
+                    ahead.append(later)
+            yield share, samples
+
+    @staticmethod
+    def _first(share: list[Slot]) -> int:
+        return min(slot.position for slot in share)
+
+    def _read(self, indices: list[int]) -> None:
+        by_entry: dict[int, dict[int, int]] = {}
+        for index in indices:
+            entry, offset = self.seq.locate(index)
+            by_entry.setdefault(entry, {})[offset] = index
+        for entry in set(self.cursors) - set(by_entry):  # a region has moved past it
+            self.cursors.pop(entry).close()
+        for entry, offsets in sorted(by_entry.items()):
+            cursor = self.cursors.get(entry)
+            if cursor is None or cursor.next_index > min(offsets):  # new, or asked to go back
+                if cursor is not None:
+                    cursor.close()
+                cursor = self.cursors[entry] = _Cursor(self, self.seq.shards[entry], min(offsets))
+            for offset, sample in cursor.take(offsets).items():
+                self.cache[offsets[offset]] = sample
+
+    def read_one(self, seq: GlobalSequence, index: int) -> dict | None:
+        """Sample `index` of `seq`'s concatenated shards (a refill); None where its shard no longer holds it."""
+        entry, offset = seq.locate(index)
+        return next(iter(self.samples(seq.shards[entry], offset, offset + 1, None)), None)
+
+    def samples(self, shard: Shard, start: int, stop: int, wanted) -> Iterator[dict]:
+        """Samples [start, stop) of a shard (those in `wanted`); the readable ones when it is defective
+        (training). The unusable ones are tallied for the shard's defect line."""
+        tally, stream, error = _Tally(judge_from=min(shard.size, NO_USABLE_READ)), self.stream, None
         try:
-            for sample in iter_tar_samples(shard.url, start, stop, shard.size, self.cfg.max_member_bytes):
-                tally.add(sample, unusable(sample, self.decoder))
+            for sample in iter_tar_samples(shard.url, start, stop, shard.size if stop >= shard.size else None,
+                                           stream.cfg.max_member_bytes, wanted):
+                tally.add(sample, unusable(sample, stream.decoder))
                 yield sample
         except ShardError as e:
-            if not self.cfg.reads_past_defects:
+            if not stream.cfg.reads_past_defects:
                 raise
-            defects.add(shard, tally, e)
-            return
-        defects.add(shard, tally)
+            error = e
+        finally:  # also when a cursor is closed before the shard's end
+            self.defects.add(shard, tally, error)
 
-    def _resampled(self, seed: int, defects: _Defects) -> Iterator[dict]:
-        """Shards drawn with replacement; a source's share of samples follows its weight."""
-        rng = random.Random(seed)
-        by_source: dict[int, list[Shard]] = {}
-        for shard in self.shards:
-            by_source.setdefault(shard.source, []).append(shard)
-        sources = sorted(by_source)
-        weights = [self.cfg.shards[s].weight / _mean_size(by_source[s]) for s in sources]
-        empty_draws = 0
-        while empty_draws < MAX_EMPTY_DRAWS:
-            source = rng.choices(sources, weights)[0]
-            empty_draws += 1
-            for sample in self._read(rng.choice(by_source[source]), defects):
-                empty_draws = 0
-                yield sample
-        raise UserError(f"the last {MAX_EMPTY_DRAWS} shards drawn held no readable sample (rank {self.rank}; "
-                        f"defective shards met: {defects.summary()}); check the shards with `mmpretrain inspect`")
+    def decode(self, sample: dict | None, count: bool):
+        """The decoded item, or None (a missing sample, or unusable: counted by reason when `count`)."""
+        if sample is None:
+            return None
+        reason = unusable(sample, self.stream.decoder)
+        skipped = self.skipped if count else Counter()
+        item = self.stream.decoder.decode(sample, skipped) if reason is None else None
+        if reason is not None and count:
+            skipped[reason] += 1
+        if count:
+            self.skipped_total.update(skipped)
+        return item
 
-    def _fill(self, raw: _RawStream, size: int, defects: _Defects) -> list:
-        items: list = []
-        bad_in_a_row = 0
-        while len(items) < size:
-            sample = raw.next_usable()
-            item = None if sample is None else self.decoder.decode(sample, raw.skipped)
-            if item is not None:
-                items.append(item)
-                bad_in_a_row = 0
-                continue
-            bad_in_a_row += 1
-            if sample is None or bad_in_a_row > MAX_CONSECUTIVE_BAD:
-                raise UserError(
-                    f"no usable samples left for rank {self.rank} (skipped: {dict(raw.skipped_total)}; "
-                    f"defective shards met: {defects.summary()}); check that the shards exist and hold "
-                    "images and captions under the configured keys (`mmpretrain inspect`)"
-                )
-        return items
+    def take_skipped(self) -> Counter:
+        taken, self.skipped = self.skipped, Counter()
+        return taken
+
+    def close(self) -> None:
+        for cursor in self.cursors.values():
+            cursor.close()
+        self.cursors.clear()
 
 
-def _mean_size(shards: list[Shard]) -> float:
-    known = [s.size for s in shards if s.size]
-    return sum(known) / len(known) if known else 1.0
+class _Cursor:
+    """An open shard read forward from `start`: `take` hands out the samples asked for, reading only
+    theirs (the shard's end checks run when it is read to its end)."""
+
+    def __init__(self, reader: _WindowReader, shard: Shard, start: int):
+        self.wanted: set[int] = set()
+        self.samples = reader.samples(shard, start, shard.size, self.wanted)
+        self.next_index = start
+
+    def take(self, offsets) -> dict[int, dict]:
+        self.wanted.update(offsets)
+        got: dict[int, dict] = {}
+        last = max(offsets)
+        while self.next_index <= last:
+            sample = next(self.samples, None)
+            if sample is None:  # the shard ended (cut short: the rest are missing)
+                self.next_index = last + 1
+                break
+            index = sample["__index__"]
+            self.next_index = index + 1
+            self.wanted.discard(index)
+            got[index] = sample
+        self.wanted.difference_update(offsets)
+        return got
+
+    def close(self) -> None:
+        self.samples.close()
 
 
 def unusable(sample: dict, decoder) -> str | None:
@@ -218,6 +323,7 @@ def unusable(sample: dict, decoder) -> str | None:
 class _Tally:
     """What one read of a shard met: samples, the unusable ones by reason, the first too-large member."""
 
+    judge_from: int = 1  # samples read before a shard can be called unusable
     samples: int = 0
     unusable: Counter = field(default_factory=Counter)
     first_too_large: str | None = None
@@ -232,7 +338,7 @@ class _Tally:
     def findings(self) -> tuple[int, list[str]]:
         """The samples worth a defect line (too large, or all unusable) and what to say about them."""
         said, lost = [], 0
-        if self.samples and sum(self.unusable.values()) == self.samples:
+        if self.samples >= max(self.judge_from, 1) and sum(self.unusable.values()) == self.samples:
             reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.unusable.items()))
             said.append(f"none of the {self.samples} samples read is usable ({reasons}); check the "
                         "caption/image keys or re-create it")
@@ -274,67 +380,3 @@ class _Defects:
         names = sorted(self.seen)
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         return ", ".join(names[:3]) + more if names else "none"
-
-
-class _RawStream:
-    """Raw samples with a position; skips the first `skip` outputs (a resume) without decoding.
-    Samples the decoder rejects cheaply are counted by reason. When the stream runs out (epoch mode
-    with unusable samples) it cycles through a reserve of the first usable samples it saw, so every
-    worker still delivers its full share of batches: nothing hangs on uneven or dirty shards."""
-
-    def __init__(self, samples: Iterator[dict], decoder, skip: int, reserve_size: int = 256):
-        self.samples, self.decoder, self.position = samples, decoder, 0
-        self.skipped, self.skipped_total = Counter(), Counter()
-        self.reserve: list[dict] = []
-        self.reserve_size, self._refills = reserve_size, 0
-        while self.position < skip:
-            if self._next_raw()[0] is None:  # a resume past the end: the rest were refills
-                self._refills += 1
-                self.position += 1
-
-    def _next_raw(self) -> tuple[dict | None, str | None]:
-        """The next raw sample and why it is unusable (None: usable)."""
-        sample = next(self.samples, None)
-        if sample is None:
-            return None, None
-        self.position += 1
-        reason = unusable(sample, self.decoder)
-        if reason is None and len(self.reserve) < self.reserve_size:
-            self.reserve.append(sample)
-        return sample, reason
-
-    def next_usable(self) -> dict | None:
-        while True:
-            sample, reason = self._next_raw()
-            if sample is None:
-                break
-            if reason is None:
-                return sample
-            self.skipped[reason] += 1
-            self.skipped_total[reason] += 1
-        if not self.reserve:
-            return None
-        self._refills += 1
-        self.position += 1
-        self.skipped["refilled"] += 1
-        return self.reserve[(self._refills - 1) % len(self.reserve)]
-
-    def take_skipped(self) -> Counter:
-        taken, self.skipped = self.skipped, Counter()
-        return taken
-
-
-def shuffled(samples: Iterator[dict], size: int, seed: int) -> Iterator[dict]:
-    """A seeded shuffle buffer: fill to `size`, then emit a random slot and refill it."""
-    rng = random.Random(seed)
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        slot = rng.randrange(size)
-        buffer[slot], sample = sample, buffer[slot]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-

@@ -132,8 +132,8 @@ def resolve(sources: list[ShardSource], need_sizes: bool) -> list[Shard]:
             size = _size(url, explicit, listings)
             if size is None and need_sizes:
                 raise UserError(
-                    f"shard {url} has no known sample count (no {SIZES} beside it); epoch mode needs one: "
-                    "pass a sizes.json for remote shards, or use mode=resampled"
+                    f"shard {url} has no known sample count (no {SIZES} beside it); the global sample order "
+                    "needs one: pass a sizes.json for remote shards"
                 )
             shards.append(Shard(url, size, index))
     return shards

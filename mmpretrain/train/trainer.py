@@ -11,6 +11,7 @@ process at the same step.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import replace
@@ -195,6 +196,8 @@ class Trainer:
             started = time.perf_counter()
             batches = {name: [next(stream) for _ in range(k)] for name, stream in streams.items()}
             waited = time.perf_counter() - started
+            if cfg.logging.sample_keys:
+                self._write_sample_keys(Path(cfg.train.output_dir), batches)
             micro = [self._to_device(batches["image_text"][i], batches["text"][i] if "text" in batches else None)
                      for i in range(k)]
             metrics = self.train_step(micro)
@@ -221,6 +224,14 @@ class Trainer:
                         bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         bar.close()
         return metrics
+
+    def _write_sample_keys(self, run_dir: Path, batches: dict[str, list]) -> None:
+        """One line per step: the keys of this process's samples of the step (logging.sample_keys)."""
+        folder = run_dir / "sample_keys"
+        folder.mkdir(parents=True, exist_ok=True)
+        line = {"step": self.step + 1, **{name: [key for b in parts for key in b.keys] for name, parts in batches.items()}}
+        with open(folder / f"rank-{self.accelerator.process_index}.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
 
     def _throughput(self, loaders: dict[str, Loader], per_step: int, elapsed: float,
                     waited: float) -> tuple[dict[str, float], list[dict]]:

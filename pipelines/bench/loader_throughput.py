@@ -15,9 +15,9 @@ Timed: one epoch from ``iter()`` (worker start, tar reading, shuffle, decode, tr
 collation, transfer), after a warm-up; torch runs 1 thread in the main process as in workers. Jobs
 run interleaved, best of --repeat. Target (issue): ours >= 0.9 x bare.
 
-Resume-skip cost (W=1): a loader restored from the state taken half-way through the timed W=1 epoch
-replays and drops those raw samples before its first batch; iter() -> first batch restored minus
-fresh, per 10k skipped samples, next to decoding 10k at the bare rate. The restored batch is checked.
+Resume cost (W=1): a loader restored from the state taken half-way through the timed W=1 epoch starts
+at that place of the global sample order (nothing is replayed); iter() -> first batch restored minus
+fresh, per 10k samples skipped, next to decoding 10k at the bare rate. The restored batch is checked.
 
 Shards: --num photo-like JPEGs (q95, --image-size px) with .txt and .json members as `prepare` writes
 them, --shard-size per tar, and sizes.json; kept in --work and reused.
@@ -255,7 +255,7 @@ def _bench(args, work: Path) -> int:
     best = measure_all(jobs, args.repeat)
     ok = _print_table(best)
     if "state" in snap:
-        (fresh, restored), skipped = resume_cost(folder, args, tokenizer, snap), sum(snap["state"]["raw"].values())
+        (fresh, restored), skipped = resume_cost(folder, args, tokenizer, snap), snap["state"]["samples"]
         print(f"\nresume (1 worker): state taken {snap['at']} batches = {skipped} samples into the epoch; iter() -> "
               f"first batch {restored:.2f} s restored vs {fresh:.2f} s fresh (the batch the uninterrupted epoch gave)"
               f"\nskip cost: {(restored - fresh) / skipped * 1e4:.2f} s per 10k skipped samples; decoding and "

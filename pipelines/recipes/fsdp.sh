@@ -22,7 +22,7 @@
 #     into each checkpoint, which `mmpretrain eval` and `mmpretrain export` read, so evaluation and export
 #     work as after DDP.
 #   - Exact contrastive accumulation (train.accum_steps > 1) is allowed under FSDP (unlike DeepSpeed).
-#   - Resume: train.resume=latest, with the same number of processes and data.num_workers.
+#   - Resume: train.resume=latest, on any number of processes and data.num_workers (the data order is global).
 set -euo pipefail
 
 SHARDS=${SHARDS:-"/data/cc3m/{00000..00331}.tar"}

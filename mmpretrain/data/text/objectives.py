@@ -84,6 +84,26 @@ def text_batch(texts: list[str], tokenizer: Tokenizer, masking_cfg: MaskingConfi
                      lengths=batch.lengths, pairs=pairs, texts=list(texts))
 
 
+def sample_text_batch(texts: list[str], seeds: list[int], tokenizer: Tokenizer, masking_cfg: MaskingConfig,
+                      pair_objective: str | None = None) -> TextBatch:
+    """`text_batch` with each text masked (and, for "sop", split and swapped) by its own generator,
+    seeded by `seeds`: a text's views do not depend on which batch or process it lands in. NSP draws
+    its negatives from the other texts of the batch, so its pairs use one generator, from seeds[0]."""
+    if not texts:
+        return text_batch([], tokenizer, masking_cfg, torch.Generator(), None)
+    per_row = None if pair_objective == "nsp" else pair_objective
+    batch = concat_text_batches([text_batch([text], tokenizer, masking_cfg, torch.Generator().manual_seed(seed),
+                                            per_row) for text, seed in zip(texts, seeds)])
+    if pair_objective == "nsp":
+        generator = torch.Generator().manual_seed(seeds[0] ^ 0x5EED)
+        first, second, labels = make_sentence_pairs(texts, pair_objective, generator)
+        encoded = tokenizer.encode_pair(first, second)
+        batch.pairs = SentencePairs(input_ids=encoded.ids, segment_ids=encoded.segment_ids,
+                                    attention_mask=encoded.attention_mask, eot_index=encoded.eot_index,
+                                    labels=labels)
+    return batch
+
+
 def concat_text_batches(rows: list[TextBatch]) -> TextBatch:
     """Row-wise concatenation of text batches (all with or all without pairs)."""
     def cat(name: str, part=lambda r: r) -> Tensor:
