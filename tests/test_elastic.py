@@ -4,6 +4,7 @@ where it stood, with no sample skipped or repeated."""
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -195,3 +196,36 @@ def test_training_resumes_on_another_number_of_processes_and_workers_with_the_sa
         for s in steps:
             assert run[s]["image_text"] == two[s]["image_text"] and run[s]["text"] == two[s]["text"], (name, s)
             assert run[s]["loss"] == pytest.approx(two[s]["loss"], abs=1e-5, rel=0), (name, s)
+
+
+def test_a_worker_opens_each_shard_once_per_epoch_and_reads_only_its_samples(tmp_path, monkeypatch):
+    from mmpretrain.data import stream as stream_mod
+
+    opened, taken = [], []
+    original = stream_mod.iter_tar_samples
+
+    def counting(url, start=0, stop=None, size=None, max_member_bytes=None, wanted=None):
+        opened.append(url)
+        for sample in original(url, start, stop, size, max_member_bytes, wanted):
+            taken.append((url, sample["__index__"]))
+            yield sample
+
+    monkeypatch.setattr(stream_mod, "iter_tar_samples", counting)
+    # 1280 samples in 40 shards: 16 regions of 80, each 2.5 shards; 5 read chunks of 256
+    sizes = [32] * 40
+    pattern = write_shards(tmp_path, sizes)
+    cfg = StreamConfig(shards=(ShardSource(pattern),), batch_size=8, seed=7, shuffle_buffer=64)
+    keys, touched = [], set()
+    for rank in range(2):
+        loader = image_text_loader(cfg, tokenizer=TOKENIZER, transform=image_transforms(8, train=True), rank=rank,
+                                   world=2, num_workers=0)
+        opened.clear()
+        keys += [k for b in loader for k in b.keys]
+        # a shard once per region it holds (a shard of 32 lies in at most 2 regions of 80)
+        assert max(collections.Counter(opened).values()) <= 2
+        assert len(opened) <= len(set(opened)) + 15  # 15 region boundaries fall inside a shard
+        assert len(set(opened)) < 40 * 0.75  # a rank reads about half the regions: a part of the shards
+        touched |= set(opened)
+    assert touched == {str(tmp_path / f"s-{i:06d}.tar") for i in range(40)}
+    assert len(keys) == len(set(keys)) == 1280  # 80 global batches of 16
+    assert len(taken) == len(set(taken)) == 1280  # no sample read twice, none read that is not used

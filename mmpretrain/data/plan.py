@@ -111,6 +111,12 @@ class GlobalSequence:
         i, region = divmod(position, self.regions)
         return region * base + min(region, extra) + i
 
+    def region_of(self, index: int) -> int:
+        """The interleaved region holding unshuffled index `index`."""
+        base, extra = divmod(self.total, self.regions)
+        big = extra * (base + 1)  # regions < extra hold base + 1 samples
+        return index // (base + 1) if index < big else extra + (index - big) // max(base, 1)
+
     def window_of(self, position: int) -> tuple[int, int]:
         """[first, stop) of the window holding `position` (in either order: a window maps to itself)."""
         first = position // self.window * self.window

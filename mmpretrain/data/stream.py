@@ -182,8 +182,9 @@ class ShardStream(IterableDataset):
 class _WindowReader:
     """The raw samples of a worker's batches, read a chunk of whole shuffle windows at a time (module
     docstring). The positions of a chunk take consecutive samples of each region, so a worker keeps one
-    cursor per shard it is in and moves it forward: each shard is opened once per worker and epoch,
-    and a local tar seeks past the samples other readers take."""
+    cursor per (shard, region) it is in and moves it forward: a shard is opened once per worker, epoch
+    and region it holds (once, when there are many more shards than regions), and a local tar seeks
+    past the samples other readers take."""
 
     def __init__(self, stream: ShardStream, seq: GlobalSequence, defects: _Defects):
         self.stream, self.seq, self.defects = stream, seq, defects
@@ -191,7 +192,8 @@ class _WindowReader:
         self.chunk = -(-READ_CHUNK // unit) * unit
         self.cache: dict[int, dict | None] = {}
         self.read_chunks: set[int] = set()
-        self.cursors: dict[int, _Cursor] = {}
+        self.cursors: dict[tuple[int, int], _Cursor] = {}
+        self.tallies: dict[str, tuple[Shard, _Tally]] = {}
         self.skipped, self.skipped_total = Counter(), Counter()
 
     def batches(self, shares: Iterator[list[Slot]]) -> Iterator[tuple[list[Slot], list[dict | None]]]:
@@ -225,41 +227,45 @@ class _WindowReader:
         return min(slot.position for slot in share)
 
     def _read(self, indices: list[int]) -> None:
-        by_entry: dict[int, dict[int, int]] = {}
+        """Read these unshuffled indices: one forward cursor per (shard entry, region)."""
+        by_cursor: dict[tuple[int, int], dict[int, int]] = {}
         for index in indices:
             entry, offset = self.seq.locate(index)
-            by_entry.setdefault(entry, {})[offset] = index
-        for entry in set(self.cursors) - set(by_entry):  # a region has moved past it
-            self.cursors.pop(entry).close()
-        for entry, offsets in sorted(by_entry.items()):
-            cursor = self.cursors.get(entry)
+            by_cursor.setdefault((entry, self.seq.region_of(index)), {})[offset] = index
+        for key in set(self.cursors) - set(by_cursor):  # its region has moved past this shard
+            self.cursors.pop(key).close()
+        for key, offsets in sorted(by_cursor.items()):
+            cursor = self.cursors.get(key)
             if cursor is None or cursor.next_index > min(offsets):  # new, or asked to go back
                 if cursor is not None:
                     cursor.close()
-                cursor = self.cursors[entry] = _Cursor(self, self.seq.shards[entry], min(offsets))
+                cursor = self.cursors[key] = _Cursor(self, self.seq.shards[key[0]], min(offsets))
             for offset, sample in cursor.take(offsets).items():
                 self.cache[offsets[offset]] = sample
 
     def read_one(self, seq: GlobalSequence, index: int) -> dict | None:
         """Sample `index` of `seq`'s concatenated shards (a refill); None where its shard no longer holds it."""
         entry, offset = seq.locate(index)
-        return next(iter(self.samples(seq.shards[entry], offset, offset + 1, None)), None)
+        return next(iter(self.samples(seq.shards[entry], offset, offset + 1, None, tally=False)), None)
 
-    def samples(self, shard: Shard, start: int, stop: int, wanted) -> Iterator[dict]:
+    def samples(self, shard: Shard, start: int, stop: int, wanted, tally: bool = True) -> Iterator[dict]:
         """Samples [start, stop) of a shard (those in `wanted`); the readable ones when it is defective
-        (training). The unusable ones are tallied for the shard's defect line."""
-        tally, stream, error = _Tally(judge_from=min(shard.size, NO_USABLE_READ)), self.stream, None
+        (training). What they hold is tallied per shard (unless not `tally`: a refill's extra read) for
+        the shard's defect line: at once for a defect, at the end of the worker's epoch for findings."""
+        if tally:
+            found = self.tallies.setdefault(shard.url, (shard, _Tally(judge_from=min(shard.size, NO_USABLE_READ))))[1]
+        else:
+            found = _Tally()
+        stream = self.stream
         try:
             for sample in iter_tar_samples(shard.url, start, stop, shard.size if stop >= shard.size else None,
                                            stream.cfg.max_member_bytes, wanted):
-                tally.add(sample, unusable(sample, stream.decoder))
+                found.add(sample, unusable(sample, stream.decoder))
                 yield sample
         except ShardError as e:
             if not stream.cfg.reads_past_defects:
                 raise
-            error = e
-        finally:  # also when a cursor is closed before the shard's end
-            self.defects.add(shard, tally, error)
+            self.defects.add(shard, found, e)
 
     def decode(self, sample: dict | None, count: bool):
         """The decoded item, or None (a missing sample, or unusable: counted by reason when `count`)."""
@@ -279,9 +285,13 @@ class _WindowReader:
         return taken
 
     def close(self) -> None:
+        """The end of this worker's epoch: close the shards, and hand the findings to the defect lines."""
         for cursor in self.cursors.values():
             cursor.close()
         self.cursors.clear()
+        for shard, found in self.tallies.values():
+            self.defects.add(shard, found)
+        self.tallies.clear()
 
 
 class _Cursor:
@@ -321,7 +331,8 @@ def unusable(sample: dict, decoder) -> str | None:
 
 @dataclass
 class _Tally:
-    """What one read of a shard met: samples, the unusable ones by reason, the first too-large member."""
+    """What a worker's reads of a shard met this epoch: samples, the unusable ones by reason, the first
+    too-large member."""
 
     judge_from: int = 1  # samples read before a shard can be called unusable
     samples: int = 0
