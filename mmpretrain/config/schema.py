@@ -96,7 +96,7 @@ class DataConfig:
     text_batch_size: int = 64
     """Text documents per process per micro-batch (with text_shards)."""
     mode: DataMode = "resampled"
-    """"resampled" (shards drawn with replacement, step-based runs) or "epoch" (each sample once per epoch)."""
+    """"resampled" (each source its weight's share of a virtual epoch, step-based runs) or "epoch" (each sample once per epoch)."""
     samples_per_epoch: int | None = None
     """Resampled mode: length of a virtual epoch (for the epoch count); None = all samples."""
     shuffle_buffer: int = 1000

@@ -3,8 +3,8 @@
 The sequence of an epoch depends only on (seed, epoch, the shards and their sizes):
 
 - epoch mode: the shards in an order shuffled by (seed, epoch), their samples concatenated;
-- resampled mode: shards drawn with replacement by (seed, epoch), in proportion to their size within
-  a source, each source's share of samples following its weight, concatenated up to the epoch's length;
+- resampled mode: each source's share of the epoch (its weight's) filled by shuffled passes over its
+  shards (drawn_shards), all of them shuffled by (seed, epoch), concatenated up to the epoch's length;
 - that sequence is cut into REGIONS contiguous regions, which are interleaved (position q holds
   sample q // REGIONS of region q % REGIONS), so any stretch of the sequence mixes samples from
   every part of the epoch, as parallel readers of distinct regions did;
@@ -46,10 +46,11 @@ def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> li
 
 
 def drawn_shards(shards: list[Shard], weights: dict[int, float], seed: int, epoch: int, total: int) -> list[Shard]:
-    """Resampled mode: shards drawn with replacement until they hold `total` samples. Within a source a
-    shard is drawn in proportion to its size, so every sample of the source is as likely (a small last
-    shard is not over-represented); a source is drawn in proportion to its weight over the mean size
-    of its draws, so its share of *samples* follows its weight."""
+    """Resampled mode: the shards of an epoch of `total` samples. Each source gets its weight's share
+    of them, filled by passes over its shards, each pass in an order shuffled by (seed, epoch); then
+    all the drawn shards are shuffled together. A source's shards repeat within an epoch only when its
+    share is larger than the source (drawing with replacement would put a repeat of ~1 in 3 samples
+    into every epoch, and identical pairs into the same batches)."""
     by_source: dict[int, list[Shard]] = {}
     for shard in shards:
         if shard.size:
@@ -57,14 +58,19 @@ def drawn_shards(shards: list[Shard], weights: dict[int, float], seed: int, epoc
     sources = sorted(by_source)
     if not sources:
         raise UserError("resampled mode: none of the shards holds a sample")
-    sizes = {s: [x.size for x in by_source[s]] for s in sources}
-    odds = [weights[s] * sum(sizes[s]) / sum(n * n for n in sizes[s]) for s in sources]
-    rng, drawn, held = random.Random(derive_seed(seed, "resample", epoch)), [], 0
-    while held < total:
-        source = rng.choices(sources, odds)[0]
-        shard = rng.choices(by_source[source], sizes[source])[0]
-        drawn.append(shard)
-        held += shard.size
+    rng, drawn = random.Random(derive_seed(seed, "resample", epoch)), []
+    weight_sum = sum(weights[s] for s in sources)
+    for source in sources:
+        need = total * weights[source] / weight_sum
+        while need > 0:
+            order = list(by_source[source])
+            rng.shuffle(order)
+            for shard in order:
+                if need <= 0:
+                    break
+                drawn.append(shard)
+                need -= shard.size
+    rng.shuffle(drawn)
     return drawn
 
 

@@ -61,7 +61,7 @@ NO_USABLE_READ = 4  # fewer unusable samples read from a larger shard say nothin
 class StreamConfig:
     shards: tuple[ShardSource, ...]
     batch_size: int  # per process
-    mode: str = "epoch"  # "epoch": one pass, no sample twice; "resampled": shards drawn with replacement
+    mode: str = "epoch"  # "epoch": one pass, no sample twice; "resampled": weighted sources, virtual epochs
     seed: int = 0
     shuffle: bool = True  # shard order and the sample window
     shuffle_buffer: int = 1000  # samples per shuffle window of the global sequence
