@@ -17,6 +17,7 @@ from helpers import CONFIG, ROOT, TOKENIZER, free_port, subprocess_env, train_ov
 from mmpretrain.data.loader import TextBranch, image_text_loader, text_loader
 from mmpretrain.data.stream import StreamConfig
 from mmpretrain.data.transforms import image_transforms
+from mmpretrain.errors import UserError
 from mmpretrain.shards.resolve import ShardSource
 
 UNEVEN = [1, 13, 2, 30, 5, 21]  # 72 samples: 6 global batches of 12, fewer shards than 3 ranks x 3 workers
@@ -138,6 +139,16 @@ def test_a_resume_with_another_global_batch_continues_the_sequence_and_says_so(t
     rest = [k for parts in zip(*map(list, ranks), strict=True) for part in parts for k in part.keys]
     assert len(rest) == 48 and sorted(rest) == sorted(full[12:60])  # 60 = 12 + 2 batches of 24; 12 left over
     assert len(set(rest) | set(full[:12])) == 60  # nothing read twice across the resume
+
+
+def test_a_position_past_the_epoch_of_these_shards_is_a_one_line_error(tmp_path):
+    sources = [ShardSource(write_shards(tmp_path, UNEVEN))]
+    loader = _loader(sources, rank=0, world=1, workers=0)
+    with pytest.raises(UserError, match=r"sample 80 of epoch 2, but an epoch of these shards holds 72; resume "
+                                         r"with the shards"):
+        loader.load_state_dict({"epoch": 2, "samples": 80, "global_batch": 12})
+    with pytest.raises(ValueError, match="position -1"):  # a damaged part: the checkpoint reader names it
+        loader.load_state_dict({"epoch": 0, "samples": -1, "global_batch": 12})
 
 
 # -- training: real `accelerate launch` processes ---------------------------------------------------

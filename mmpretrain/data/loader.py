@@ -166,9 +166,12 @@ class Loader:
         """Continue at the checkpoint's place in the global sequence. Returns a line to print when the
         global batch (processes x batch size) differs from the checkpoint's, else None."""
         epoch, samples, saved = (int(state[k]) for k in ("epoch", "samples", "global_batch"))
-        if epoch < 0 or not 0 <= samples <= self.stream.total_samples():
-            raise ValueError(f"position {samples} of epoch {epoch} is outside the epoch's "
-                             f"{self.stream.total_samples()} samples")
+        if epoch < 0 or samples < 0 or saved < 1:
+            raise ValueError(f"position {samples} of epoch {epoch}, global batch {saved}")
+        if samples > self.stream.total_samples():
+            raise UserError(f"the checkpoint stands at sample {samples} of epoch {epoch}, but an epoch of these "
+                            f"shards holds {self.stream.total_samples()}; resume with the shards (and "
+                            "data.samples_per_epoch) the run was started with")
         self.stream.position = Position(epoch, samples)
         size = self.stream.global_batch
         if saved == size:

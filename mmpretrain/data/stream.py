@@ -43,11 +43,11 @@ from mmpretrain.errors import UserError
 from mmpretrain.shards.reader import MAX_MEMBER_BYTES, TOO_LARGE, ShardError, iter_tar_samples, too_large
 from mmpretrain.shards.resolve import Shard, ShardSource
 
-# A worker reads at least this many consecutive positions of the sequence at once (the shuffle window
-# when it is larger): without a shuffle window every batch would open its shards again.
+# A worker reads at least this many consecutive positions of the sequence at once, rounded up to whole
+# shuffle windows and whole rounds of the regions (plan.REGIONS), so that its cursors only move forward.
 READ_CHUNK = 256
-# An unusable slot is refilled from its own shuffle window for this many tries, then from anywhere in
-# the epoch; after MAX_REFILL_TRIES the shards hold (next to) no usable sample and the run stops.
+# An unusable slot is refilled from its own shuffle window for this many tries, then from any listed
+# shard; after MAX_REFILL_TRIES the shards hold (next to) no usable sample and the run stops.
 WINDOW_REFILL_TRIES = 16
 MAX_REFILL_TRIES = 1000
 
@@ -312,10 +312,8 @@ class _Cursor:
             if sample is None:  # the shard ended (cut short: the rest are missing)
                 self.next_index = last + 1
                 break
-            index = sample["__index__"]
-            self.next_index = index + 1
-            self.wanted.discard(index)
-            got[index] = sample
+            self.next_index = sample["__index__"] + 1
+            got[sample["__index__"]] = sample
         self.wanted.difference_update(offsets)
         return got
 
